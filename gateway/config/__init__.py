@@ -1,0 +1,1 @@
+"""Config: the YAML model, loading and validation, compiling into a runtime."""

@@ -1,0 +1,310 @@
+"""Compile a validated config into the runtime the data plane uses.
+
+Compile, don't look up: routes, plugin chains, upstreams, header names (lower-case bytes)
+and limits are resolved here once. A reload compiles a whole new ``Runtime``; connections
+keep the runtime they started with.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from gateway.config.load import ConfigIssue, PluginSpec, Source, format_loc
+from gateway.config.model import GatewayConfig, LimitsConfig
+from gateway.http.headers import is_token
+from gateway.plugin import Plugin
+from gateway.proxy.chain import Chain
+from gateway.proxy.forward import Forwarding, IPNetwork
+from gateway.proxy.router import Route, Router
+from gateway.upstream.balancer import BALANCERS
+from gateway.upstream.pool import Pool
+from gateway.upstream.target import Target, Upstream, UpstreamTimeouts
+
+BUILTIN_ECHO = "builtin:echo"
+
+
+class CompileError(Exception):
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = issues
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_url_bytes: int
+    max_header_bytes: int
+    max_header_count: int
+    max_body_size: int
+    header_timeout: float
+    body_timeout: float
+    idle_timeout: float
+    send_timeout: float
+    max_connections: int
+
+    @classmethod
+    def from_config(cls, c: LimitsConfig) -> Limits:
+        return cls(
+            c.max_url_bytes,
+            c.max_header_bytes,
+            c.max_header_count,
+            c.max_body_size,
+            c.header_timeout,
+            c.body_timeout,
+            c.idle_timeout,
+            c.send_timeout,
+            c.max_connections,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    backlog: int
+
+
+class Runtime:
+    """Everything one config generation needs at request time."""
+
+    __slots__ = ("config", "forwarding", "limits", "listeners", "plugins", "router", "upstreams")
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router,
+        upstreams: dict[str, Upstream],
+        limits: Limits,
+        forwarding: Forwarding,
+        listeners: tuple[Listener, ...],
+        plugins: tuple[Plugin, ...],
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.upstreams = upstreams
+        self.limits = limits
+        self.forwarding = forwarding
+        self.listeners = listeners
+        self.plugins = plugins
+
+    def targets(self) -> list[Target]:
+        return [t for u in self.upstreams.values() for t in u.targets]
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError."""
+    host, sep, port_text = bind.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError("expected host:port, e.g. 0.0.0.0:8080")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError("port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError("expected host:port, e.g. 0.0.0.0:8080")
+    return host, port
+
+
+class _Compiler:
+    def __init__(self, config: GatewayConfig, source: Source) -> None:
+        self.config = config
+        self.source = source
+        self.issues: list[ConfigIssue] = []
+
+    def error(self, loc: tuple[str | int, ...], message: str) -> None:
+        self.issues.append(ConfigIssue(format_loc(loc), message, self.source.line_of(loc)))
+
+    def listeners(self) -> tuple[Listener, ...]:
+        out = []
+        names: set[str] = set()
+        for i, lc in enumerate(self.config.listeners):
+            if lc.name in names:
+                self.error(("listeners", i, "name"), f"duplicate listener name {lc.name!r}")
+            names.add(lc.name)
+            try:
+                host, port = parse_bind(lc.bind)
+            except ValueError as exc:
+                self.error(("listeners", i, "bind"), str(exc))
+                continue
+            out.append(Listener(lc.name, host, port, lc.backlog))
+        return tuple(out)
+
+    def upstreams(self) -> dict[str, Upstream]:
+        out = {}
+        for name, uc in self.config.upstreams.items():
+            targets = []
+            for i, tc in enumerate(uc.targets):
+                loc = ("upstreams", name, "targets", i, "url")
+                pool = Pool(
+                    f"{name}/{i}",
+                    uc.keepalive.max_idle,
+                    uc.keepalive.idle_timeout,
+                    uc.keepalive.max_requests,
+                )
+                if tc.url == BUILTIN_ECHO:
+                    targets.append(Target("127.0.0.1", 0, tc.weight, pool, builtin="echo"))
+                    continue
+                parts = urlsplit(tc.url)
+                if parts.scheme != "http":
+                    self.error(
+                        loc,
+                        "expected http://host:port (https upstreams are not "
+                        f"supported yet) or {BUILTIN_ECHO}",
+                    )
+                    continue
+                if not parts.hostname or parts.path not in ("", "/") or parts.query:
+                    self.error(loc, "a target is http://host[:port] with no path")
+                    continue
+                try:
+                    port = parts.port or 80
+                except ValueError:
+                    self.error(loc, "invalid port")
+                    continue
+                targets.append(Target(parts.hostname, port, tc.weight, pool))
+            if not targets:
+                continue
+            balancer = BALANCERS[uc.balancer]([t.weight for t in targets])
+            out[name] = Upstream(
+                name,
+                tuple(targets),
+                balancer,
+                UpstreamTimeouts(uc.timeouts.connect, uc.timeouts.read),
+            )
+        return out
+
+    def forwarding(self) -> Forwarding:
+        fc = self.config.forwarding
+        nets: list[IPNetwork] = []
+        for i, cidr in enumerate(fc.trusted_proxies):
+            try:
+                nets.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                self.error(
+                    ("forwarding", "trusted_proxies", i), f"invalid address or CIDR {cidr!r}"
+                )
+        if not is_token(fc.request_id_header.encode("latin-1", "replace")):
+            self.error(("forwarding", "request_id_header"), "not a valid header name")
+        if fc.via is not None and (not fc.via or any(c in fc.via for c in "\r\n,")):
+            self.error(("forwarding", "via"), "must be a plain name, or null to send no Via")
+        return Forwarding(nets, fc.via, fc.request_id_header)
+
+    def plugins(self, specs: list[PluginSpec]) -> list[Plugin]:
+        out = []
+        for spec in specs:
+            try:
+                out.append(spec.cls(spec.config))
+            except ValueError as exc:
+                self.issues.append(ConfigIssue(spec.path, str(exc)))
+        return out
+
+    def routes(self, upstreams: dict[str, Upstream], global_plugins: list[Plugin]) -> list[Route]:
+        out = []
+        names: set[str] = set()
+        for i, rc in enumerate(self.config.routes):
+            loc: tuple[str | int, ...] = ("routes", i)
+            if rc.name in names:
+                self.error((*loc, "name"), f"duplicate route name {rc.name!r}")
+            names.add(rc.name)
+            upstream = upstreams.get(rc.upstream)
+            if upstream is None:
+                if rc.upstream not in self.config.upstreams:
+                    known = ", ".join(sorted(self.config.upstreams)) or "none defined"
+                    self.error(
+                        (*loc, "upstream"), f"unknown upstream {rc.upstream!r} (known: {known})"
+                    )
+                continue
+            m = rc.match
+            exact, wild = [], []
+            for j, host in enumerate(m.hosts):
+                h = host.strip().lower()
+                if h.startswith("*.") and len(h) > 2 and "*" not in h[2:]:
+                    wild.append(h[1:].encode("idna"))
+                elif h and "*" not in h:
+                    exact.append(h.encode("idna"))
+                else:
+                    self.error((*loc, "match", "hosts", j), "expected a host name or *.domain")
+            paths = [p for p in (m.path, m.path_prefix, m.path_regex) if p is not None]
+            if len(paths) > 1:
+                self.error((*loc, "match"), "use only one of path, path_prefix, path_regex")
+            for key in ("path", "path_prefix"):
+                value = getattr(m, key)
+                if value is not None and not value.startswith("/"):
+                    self.error((*loc, "match", key), "must start with /")
+            regex = None
+            if m.path_regex is not None:
+                try:
+                    regex = re.compile(m.path_regex.encode())
+                except re.error as exc:
+                    self.error((*loc, "match", "path_regex"), f"invalid regular expression: {exc}")
+            methods = None
+            if m.methods:
+                methods = frozenset(x.upper().encode() for x in m.methods)
+                for j, x in enumerate(m.methods):
+                    if not is_token(x.encode("latin-1", "replace")):
+                        self.error((*loc, "match", "methods", j), "not a valid method")
+            conditions = []
+            for name, value in m.headers.items():
+                if not is_token(name.encode("latin-1", "replace")):
+                    self.error((*loc, "match", "headers", name), "not a valid header name")
+                conditions.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+            rewrite = None
+            if rc.strip_prefix or rc.prefix_rewrite is not None:
+                if m.path_prefix is None:
+                    key = "strip_prefix" if rc.strip_prefix else "prefix_rewrite"
+                    self.error((*loc, key), "needs match.path_prefix")
+                elif rc.strip_prefix and rc.prefix_rewrite is not None:
+                    self.error(
+                        (*loc, "prefix_rewrite"), "use strip_prefix or prefix_rewrite, not both"
+                    )
+                else:
+                    rewrite = (rc.prefix_rewrite or "/").encode()
+                    if not rewrite.startswith(b"/"):
+                        self.error((*loc, "prefix_rewrite"), "must start with /")
+            route_plugins = self.plugins(rc.plugins)
+            out.append(
+                Route(
+                    name=rc.name,
+                    order=i,
+                    upstream=upstream,
+                    chain=Chain([*global_plugins, *route_plugins]),
+                    exact_hosts=exact,
+                    wildcard_hosts=wild,
+                    path=m.path.encode() if m.path is not None else None,
+                    path_prefix=m.path_prefix.encode() if m.path_prefix is not None else None,
+                    path_regex=regex,
+                    methods=methods,
+                    header_conditions=tuple(conditions),
+                    prefix_rewrite=rewrite,
+                    preserve_host=rc.preserve_host,
+                    max_body_size=rc.max_body_size or 0,
+                )
+            )
+        return out
+
+
+def compile_config(config: GatewayConfig, source: Source) -> Runtime:
+    """Build a ``Runtime``; raises ``CompileError`` listing every problem found."""
+    c = _Compiler(config, source)
+    listeners = c.listeners()
+    upstreams = c.upstreams()
+    forwarding = c.forwarding()
+    global_plugins = c.plugins(config.plugins)
+    routes = c.routes(upstreams, global_plugins)
+    if c.issues:
+        raise CompileError(c.issues)
+    all_plugins = {id(p): p for r in routes for p in r.chain.plugins}
+    for p in global_plugins:
+        all_plugins[id(p)] = p
+    return Runtime(
+        config,
+        Router(routes),
+        upstreams,
+        Limits.from_config(config.limits),
+        forwarding,
+        listeners,
+        tuple(all_plugins.values()),
+    )

@@ -1,0 +1,120 @@
+"""The config file's shape: frozen pydantic models; unknown keys are errors.
+
+Every key here is documented in docs/configuration.md. Values are checked for form here;
+cross-references (a route's upstream exists, plugin configs, CIDRs, regexes) are checked by
+``gateway.config.load`` and ``gateway.config.compile``, which report errors with their path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from gateway.config.units import Duration, Size
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected 'auto' or a number of worker processes")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError("expected 'auto' or a number of worker processes") from None
+    if not 1 <= n <= 1024:
+        raise ValueError("workers must be between 1 and 1024")
+    return n
+
+
+Workers = Annotated[int, BeforeValidator(_workers)]
+
+
+class ListenerConfig(Strict):
+    name: str = Field(min_length=1)
+    bind: str = Field(min_length=1, description="host:port, e.g. 0.0.0.0:8080 or [::1]:8080")
+    backlog: int = Field(default=2048, ge=1, le=65535)
+
+
+class TargetConfig(Strict):
+    url: str = Field(min_length=1, description="http://host:port, or builtin:echo")
+    weight: int = Field(default=1, ge=1, le=1000)
+
+
+class UpstreamTimeouts(Strict):
+    connect: Duration = 2.0
+    read: Duration = 30.0
+
+
+class KeepaliveConfig(Strict):
+    max_idle: int = Field(default=64, ge=0, le=100_000)
+    idle_timeout: Duration = 60.0
+    max_requests: int = Field(default=10_000, ge=1)
+
+
+class UpstreamConfig(Strict):
+    balancer: Literal["round_robin"] = "round_robin"
+    targets: list[TargetConfig] = Field(min_length=1)
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    keepalive: KeepaliveConfig = KeepaliveConfig()
+
+
+class MatchConfig(Strict):
+    hosts: list[str] = []
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    methods: list[str] = []
+    headers: dict[str, str] = {}
+
+
+class RouteConfig(Strict):
+    name: str = Field(min_length=1)
+    match: MatchConfig = MatchConfig()
+    upstream: str = Field(min_length=1)
+    strip_prefix: bool = False
+    prefix_rewrite: str | None = None
+    preserve_host: bool = False
+    max_body_size: Size | None = None
+    #: ``[{plugin_name: {config}}]``; validated against each plugin's Config by the loader.
+    plugins: list[Any] = []
+
+
+class LimitsConfig(Strict):
+    max_url_bytes: Size = 8192
+    max_header_bytes: Size = 32768
+    max_header_count: int = Field(default=100, ge=1, le=10_000)
+    max_body_size: Size = 10 * 1024 * 1024
+    header_timeout: Duration = 10.0
+    body_timeout: Duration = 60.0
+    idle_timeout: Duration = 60.0
+    send_timeout: Duration = 60.0
+    max_connections: int = Field(default=10_000, ge=1)
+
+
+class ForwardingConfig(Strict):
+    trusted_proxies: list[str] = []
+    via: str | None = "gateway"
+    request_id_header: str = "x-request-id"
+
+
+class LogConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class GatewayConfig(Strict):
+    workers: Workers = 1
+    listeners: list[ListenerConfig] = Field(min_length=1)
+    upstreams: dict[str, UpstreamConfig] = {}
+    routes: list[RouteConfig] = []
+    plugins: list[Any] = []
+    limits: LimitsConfig = LimitsConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
+    log: LogConfig = LogConfig()

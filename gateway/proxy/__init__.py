@@ -1,0 +1,1 @@
+"""The data plane: client protocol, exchanges, plugin chains, routing."""

@@ -1,0 +1,138 @@
+"""A route's compiled plugin chain: which plugins implement which phase, sync or async.
+
+Built once per route at config load (global plugins first, then the route's). A phase
+iterates only the plugins that implement it; a chain whose request hooks are all sync is
+run without creating a coroutine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from gateway.plugin import Plugin, Reply, implemented_hooks
+
+if TYPE_CHECKING:
+    from gateway.proxy.exchange import Exchange
+
+log = logging.getLogger("gateway.plugin")
+
+Hook = Callable[..., Any]
+
+
+class PluginFailure(Exception):
+    """A fail-closed plugin raised in a phase where the exchange cannot go on."""
+
+
+class Chain:
+    __slots__ = (
+        "body_hooks",
+        "has_async_request",
+        "log_hooks",
+        "plugins",
+        "request_hooks",
+        "response_hooks",
+        "rewrites_body",
+    )
+
+    def __init__(self, plugins: Sequence[Plugin]) -> None:
+        self.plugins = tuple(plugins)
+        request: list[tuple[int, Plugin, Hook, bool]] = []
+        response: list[tuple[int, Plugin, Hook]] = []
+        body: list[tuple[int, Plugin, Hook]] = []
+        logs: list[tuple[int, Plugin, Hook]] = []
+        for pos, plugin in enumerate(self.plugins):
+            hooks = implemented_hooks(type(plugin))
+            if "on_request" in hooks:
+                request.append((pos, plugin, plugin.on_request, hooks["on_request"]))  # type: ignore[attr-defined]
+            if "on_response" in hooks:
+                response.append((pos, plugin, plugin.on_response))  # type: ignore[attr-defined]
+            if "on_response_body" in hooks:
+                body.append((pos, plugin, plugin.on_response_body))  # type: ignore[attr-defined]
+            if "on_log" in hooks:
+                logs.append((pos, plugin, plugin.on_log))  # type: ignore[attr-defined]
+        self.request_hooks = tuple(request)
+        self.has_async_request = any(is_async for *_, is_async in request)
+        # Response-side phases run in reverse order: the outermost plugin sees the final word.
+        self.response_hooks = tuple(reversed(response))
+        self.body_hooks = tuple(reversed(body))
+        self.log_hooks = tuple(reversed(logs))
+        self.rewrites_body = any(type(p).rewrites_body for _, p, _ in body)
+
+    # -- request phase ----------------------------------------------------------------------
+    def run_request(self, ex: Exchange) -> Reply | None:
+        """The request phase when every hook is sync."""
+        for pos, plugin, fn, _ in self.request_hooks:
+            try:
+                reply = fn(ex)
+            except Exception:
+                reply = _failed(plugin, ex, "on_request")
+            if reply is not None:
+                ex.plugins_ran = pos + 1
+                return reply  # type: ignore[no-any-return]
+        ex.plugins_ran = len(self.plugins)
+        return None
+
+    async def run_request_async(self, ex: Exchange) -> Reply | None:
+        for pos, plugin, fn, is_async in self.request_hooks:
+            try:
+                reply = (await fn(ex)) if is_async else fn(ex)
+            except Exception:
+                reply = _failed(plugin, ex, "on_request")
+            if reply is not None:
+                ex.plugins_ran = pos + 1
+                return reply  # type: ignore[no-any-return]
+        ex.plugins_ran = len(self.plugins)
+        return None
+
+    # -- response phases --------------------------------------------------------------------
+    def run_response(self, ex: Exchange) -> None:
+        """Raises ``PluginFailure`` when a fail-closed plugin raised."""
+        ran = ex.plugins_ran
+        for pos, plugin, fn in self.response_hooks:
+            if pos < ran:
+                try:
+                    fn(ex)
+                except Exception:
+                    if _failed(plugin, ex, "on_response") is not None:
+                        raise PluginFailure(plugin.name) from None
+
+    def run_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes:
+        ran = ex.plugins_ran
+        for pos, plugin, fn in self.body_hooks:
+            if pos < ran:
+                try:
+                    chunk = fn(ex, chunk, end)
+                except Exception:
+                    if _failed(plugin, ex, "on_response_body") is not None:
+                        raise PluginFailure(plugin.name) from None
+        return chunk
+
+    def run_log(self, ex: Exchange) -> None:
+        ran = ex.plugins_ran
+        for pos, plugin, fn in self.log_hooks:
+            if pos < ran:
+                try:
+                    fn(ex)
+                except Exception:
+                    _failed(plugin, ex, "on_log")
+
+    def __repr__(self) -> str:
+        return f"<Chain {[p.name for p in self.plugins]}>"
+
+
+EMPTY_CHAIN = Chain(())
+
+
+def _failed(plugin: Plugin, ex: Exchange, hook: str) -> Reply | None:
+    plugin.errors += 1
+    log.exception(
+        "plugin %s failed in %s",
+        plugin.name,
+        hook,
+        extra={"request_id": ex.request_id, "plugin": plugin.name, "hook": hook},
+    )
+    if plugin.fail_open:
+        return None
+    return Reply.error("plugin_error")

@@ -1,0 +1,131 @@
+"""One request/response exchange. Per-request state lives in slots here, nowhere else."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gateway.http.headers import Headers
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from gateway.proxy.protocol import ClientConnection
+    from gateway.proxy.router import Route
+    from gateway.upstream.connection import UpstreamConnection
+    from gateway.upstream.target import Target
+
+# How the request body is framed.
+BODY_NONE = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+
+
+class Exchange:
+    """A request from a client and the response to it.
+
+    Plugins read: ``method``, ``path``, ``query``, ``headers`` (request, editable before the
+    upstream is contacted), ``host``, ``client_ip``, ``route``, ``request_id``; after the
+    response head: ``status`` and ``response_headers``. ``vars`` is a dict for plugins' own
+    per-request state, created on first use via ``ex.var()``/``ex.set_var()``; ``user`` is the
+    identity an auth plugin established.
+    """
+
+    __slots__ = (
+        "body_buf",
+        "body_buffered",
+        "body_kind",
+        "body_received",
+        "bytes_out",
+        "client_ip",
+        "conn",
+        "conn_tokens",
+        "content_length",
+        "continue_sent",
+        "discard_body",
+        "done",
+        "expect_continue",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "max_body",
+        "method",
+        "path",
+        "pending_error",
+        "plugins_ran",
+        "query",
+        "reply_code",
+        "request_complete",
+        "request_id",
+        "response_chunked",
+        "response_headers",
+        "response_started",
+        "retries",
+        "route",
+        "start_time",
+        "status",
+        "task",
+        "upstream",
+        "upstream_target",
+        "upstream_time",
+        "url",
+        "user",
+        "vars",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.url = b""
+        self.method = b""
+        self.path = b""
+        self.query = b""
+        self.http10 = False
+        self.headers = Headers()
+        self.host = b""
+        self.keep_alive = True
+        self.request_id = ""
+        self.route: Route | None = None
+        self.client_ip = conn.client_ip
+        self.conn_tokens: frozenset[bytes] | None = None
+        self.body_kind = BODY_NONE
+        self.content_length = 0
+        self.body_received = 0
+        self.body_buf: list[bytes] | None = None
+        self.body_buffered = 0
+        self.max_body = 0
+        self.request_complete = False
+        self.expect_continue = False
+        self.continue_sent = False
+        self.discard_body = False
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_target: Target | None = None
+        self.upstream_time = 0.0
+        self.status = 0
+        self.response_headers = Headers()
+        self.response_started = False
+        self.response_chunked = False
+        self.bytes_out = 0
+        self.reply_code = ""
+        self.pending_error = ""
+        self.retries = 0
+        self.plugins_ran = 0
+        self.start_time = 0.0
+        self.task: asyncio.Task[None] | None = None
+        self.done = False
+        self.user: str | None = None
+        self.vars: dict[str, Any] | None = None
+
+    def var(self, name: str, default: Any = None) -> Any:
+        v = self.vars
+        return default if v is None else v.get(name, default)
+
+    def set_var(self, name: str, value: Any) -> None:
+        if self.vars is None:
+            self.vars = {}
+        self.vars[name] = value
+
+    def __repr__(self) -> str:
+        return (
+            f"<Exchange {self.request_id} {self.method.decode()} "
+            f"{self.url.decode('latin-1')} status={self.status}>"
+        )

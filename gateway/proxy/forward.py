@@ -1,0 +1,194 @@
+"""Forwarding: the request head sent upstream, the response head sent back, connecting.
+
+Header rules (docs/proxying.md): hop-by-hop headers and the names listed in ``Connection``
+are dropped both ways; ``Host`` is the target's unless the route preserves it;
+``X-Forwarded-For/-Proto/-Host`` are trusted from the peer only when it is a trusted proxy,
+otherwise replaced; ``Via`` is appended; the request id is sent upstream and back.
+Everything else keeps the sender's order and spelling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from gateway.http.headers import HOP_BY_HOP
+from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
+from gateway.upstream.connection import UpstreamConnection
+
+if TYPE_CHECKING:
+    from gateway.proxy.exchange import Exchange
+    from gateway.upstream.target import Target
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Request headers the gateway rewrites itself rather than copying.
+_REQUEST_OWN = frozenset(
+    {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"expect"}
+)
+#: Response headers whose framing role the gateway decides.
+_RESPONSE_OWN = frozenset({b"content-length", b"via"})
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Forwarding:
+    """Compiled ``forwarding`` config: who is trusted, what to say in Via, the id header."""
+
+    __slots__ = (
+        "_trust_cache",
+        "request_id_header",
+        "request_id_raw",
+        "request_own",
+        "trusted",
+        "via",
+    )
+
+    def __init__(
+        self, trusted: Sequence[IPNetwork], via: str | None, request_id_header: str
+    ) -> None:
+        self.trusted = tuple(trusted)
+        self.via = f"1.1 {via}".encode("latin-1") if via else b""
+        self.request_id_raw = request_id_header.encode("latin-1")
+        self.request_id_header = self.request_id_raw.lower()
+        self.request_own = _REQUEST_OWN | {self.request_id_header}
+        self._trust_cache: dict[str, bool] = {}
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self.trusted or not ip:
+            return False
+        found = self._trust_cache.get(ip)
+        if found is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                found = False
+            else:
+                found = any(addr in net for net in self.trusted)
+            if len(self._trust_cache) > 10_000:
+                self._trust_cache.clear()
+            self._trust_cache[ip] = found
+        return found
+
+    def client_ip(self, peer: str, xff_values: list[bytes]) -> str:
+        """The client address: walking X-Forwarded-For from the right, the first hop that is
+        not a trusted proxy (the peer itself being trusted)."""
+        hops = [h.strip() for v in xff_values for h in v.decode("latin-1").split(",")]
+        for hop in reversed(hops):
+            if hop and not self.is_trusted(hop):
+                return hop
+        return hops[0] if hops and hops[0] else peer
+
+
+def request_head(
+    ex: Exchange,
+    target: Target,
+    path: bytes,
+    trusted_peer: bool,
+    fwd: Forwarding,
+    conn_tokens: frozenset[bytes] | None,
+) -> bytes:
+    parts = [ex.method, b" ", path]
+    if ex.query:
+        parts += (b"?", ex.query)
+    parts.append(b" HTTP/1.1\r\n")
+    xff: list[bytes] = []
+    xfp = xfh = via = b""
+    own = fwd.request_own
+    for lname, raw, value in ex.headers.items:
+        if lname in HOP_BY_HOP or lname in own:
+            if lname == b"x-forwarded-for":
+                xff.append(value)
+            elif lname == b"x-forwarded-proto":
+                xfp = value
+            elif lname == b"x-forwarded-host":
+                xfh = value
+            elif lname == b"via":
+                via = value if not via else via + b", " + value
+            continue
+        if conn_tokens is not None and lname in conn_tokens:
+            continue
+        parts += (raw, b": ", value, b"\r\n")
+    route = ex.route
+    host = (
+        ex.host if (route is not None and route.preserve_host and ex.host) else target.host_header
+    )
+    peer = ex.conn.peer_ip.encode("latin-1")
+    if trusted_peer and xff:
+        parts += (b"x-forwarded-for: ", b", ".join(xff), b", ", peer, b"\r\n")
+    else:
+        parts += (b"x-forwarded-for: ", peer, b"\r\n")
+    parts += (b"x-forwarded-proto: ", xfp if (trusted_peer and xfp) else ex.conn.scheme, b"\r\n")
+    parts += (b"x-forwarded-host: ", xfh if (trusted_peer and xfh) else ex.host, b"\r\n")
+    if fwd.via:
+        parts += (b"via: ", via + b", " + fwd.via if via else fwd.via, b"\r\n")
+    if ex.body_kind == 2:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
+    parts += (b"host: ", host, b"\r\n\r\n")
+    return b"".join(parts)
+
+
+def response_head(
+    ex: Exchange, content_length: bytes | None, chunked: bool, fwd: Forwarding, date: bytes
+) -> bytes:
+    """Serialise ``ex.status`` and ``ex.response_headers`` for the client.
+
+    ``content_length`` is the value to send (``None``: none); ``chunked`` adds
+    ``Transfer-Encoding: chunked``. Connection handling follows ``ex.keep_alive``.
+    """
+    status = ex.status
+    if 100 <= status < 600:
+        line = STATUS_LINES_10[status] if ex.http10 else STATUS_LINES_11[status]
+    else:
+        line = status_line(status, ex.http10)
+    parts = [line]
+    conn_tokens: list[bytes] | None = None
+    has_date = has_rid = False
+    via = b""
+    rid_name = fwd.request_id_header
+    items = ex.response_headers.items
+    for lname, _, value in items:
+        if lname == b"connection":
+            conn_tokens = [t.strip().lower() for t in value.split(b",")]
+    for lname, raw, value in items:
+        if lname in HOP_BY_HOP or lname in _RESPONSE_OWN:
+            if lname == b"via":
+                via = value if not via else via + b", " + value
+            continue
+        if conn_tokens is not None and lname in conn_tokens:
+            continue
+        if lname == b"date":
+            has_date = True
+        elif lname == rid_name:
+            has_rid = True
+        parts += (raw, b": ", value, b"\r\n")
+    if content_length is not None:
+        parts += (b"content-length: ", content_length, b"\r\n")
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    if not has_date:
+        parts.append(date)
+    if not has_rid:
+        parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
+    if fwd.via:
+        parts += (b"via: ", via + b", " + fwd.via if via else fwd.via, b"\r\n")
+    if not ex.keep_alive:
+        parts.append(b"connection: close\r\n\r\n")
+    elif ex.http10:
+        parts.append(b"connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+async def connect(target: Target, timeout: float) -> UpstreamConnection:  # noqa: ASYNC109
+    """Open a new connection to ``target``; raises ``OSError`` or ``TimeoutError``."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, protocol = await loop.create_connection(
+            lambda: UpstreamConnection(target), target.host, target.port
+        )
+    return protocol

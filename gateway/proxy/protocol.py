@@ -1,0 +1,845 @@
+"""The client side of the data plane: one asyncio Protocol per client connection.
+
+Theory of operation
+-------------------
+httptools calls plain methods on this object as bytes arrive (``on_url``, ``on_header``, ...).
+Each request becomes an ``Exchange``. One exchange is *active* at a time; requests a client
+pipelines behind it are parsed, validated and queued (their bodies buffered up to a
+watermark, past which reading pauses) and answered strictly in order.
+
+An active exchange runs the route's request plugins (inline when all are sync, in a task
+otherwise), picks a target, takes an idle pooled connection or opens one (a task), writes the
+request head, then streams the body as it arrives. The upstream protocol calls back with the
+response head, body chunks, completion or failure; the response streams to the client.
+
+Backpressure both ways: when the upstream's write buffer is full, client reading pauses;
+when the client's write buffer is full, upstream reading pauses. Reading is paused while any
+of several reasons holds (a bit mask), and resumes when none does.
+
+This file owns the connection's keep-alive state machine: an exchange ends when its response
+is complete *and* its request was fully read (an unread body is discarded, or the connection
+is closed); only then does the next queued exchange start. Framing that could be read two
+ways (request smuggling) is refused with 400 and the connection closed; nothing of such a
+request reaches an upstream.
+
+Timeouts (header read, body read, idle keep-alive, upstream read, client send) are checked by
+the server's sweep twice a second against a coarse clock, not by a timer per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from gateway.http.errors import error_body
+from gateway.http.headers import Headers, connection_tokens, is_chunked_only, valid_request_id
+from gateway.http.status import has_no_body
+from gateway.http.target import needs_normalising, normalise_path, split_target
+from gateway.plugin import Reply
+from gateway.proxy.chain import PluginFailure
+from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
+from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
+from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+
+if TYPE_CHECKING:
+    from gateway.config.compile import Runtime
+    from gateway.server import ServerState
+    from gateway.upstream.target import Target
+
+log = logging.getLogger("gateway.proxy")
+
+# Reasons for which reading from the client is paused (a bit mask).
+PAUSE_BUFFER = 1  # request body buffered while no upstream connection is ready
+PAUSE_UPSTREAM = 2  # the upstream's write buffer is full
+PAUSE_PIPELINE = 4  # too many pipelined requests queued
+PAUSE_STOPPED = 8  # parsing has stopped for good (error, upgrade, lingering close)
+
+#: Request body bytes held per connection before reading pauses.
+BODY_BUFFER_HIGH = 64 * 1024
+#: Pipelined requests queued before reading pauses.
+MAX_PIPELINE = 32
+#: An unread request body up to this size is read and discarded after an early response,
+#: keeping the connection alive; a larger one closes it.
+DISCARD_LIMIT = 64 * 1024
+#: How long a closing connection keeps reading (and discarding) so the client sees the reply.
+LINGER_SECONDS = 2.0
+
+_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT, _XFF = range(1, 7)
+_SPECIAL = {
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    b"x-forwarded-for": _XFF,
+}
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_RETRYABLE = frozenset({"upstream_reset"})
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer with an error code."""
+
+    def __init__(self, code: str, message: str | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.message = message
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body_since",
+        "_conn_tokens",
+        "_expect",
+        "_header_bytes",
+        "_header_count",
+        "_headers_since",
+        "_host_count",
+        "_length_count",
+        "_length_value",
+        "_paused",
+        "_rid",
+        "_te_count",
+        "_te_value",
+        "_xff",
+        "active",
+        "client_ip",
+        "closed",
+        "idle_since",
+        "limits",
+        "linger_until",
+        "parser",
+        "parsing",
+        "peer_ip",
+        "pipeline",
+        "requests",
+        "runtime",
+        "scheme",
+        "server",
+        "transport",
+        "trusted_peer",
+        "write_paused",
+        "write_paused_since",
+    )
+
+    def __init__(self, server: ServerState, scheme: bytes = b"http") -> None:
+        self.server = server
+        self.runtime: Runtime = server.runtime
+        self.limits = self.runtime.limits
+        self.scheme = scheme
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.client_ip = ""
+        self.trusted_peer = False
+        self.active: Exchange | None = None
+        self.parsing: Exchange | None = None
+        self.pipeline: deque[Exchange] = deque()
+        self._paused = 0
+        self.write_paused = False
+        self.write_paused_since = 0.0
+        self.closed = False
+        self.linger_until = 0.0
+        self.idle_since = server.now
+        self.requests = 0
+        self._headers_since = 0.0
+        self._body_since = 0.0
+        self._reset_head_state()
+
+    def _reset_head_state(self) -> None:
+        self._header_bytes = 0
+        self._header_count = 0
+        self._host_count = 0
+        self._length_count = 0
+        self._length_value = b""
+        self._te_count = 0
+        self._te_value = b""
+        self._conn_tokens: frozenset[bytes] | None = None
+        self._expect: bytes | None = None
+        self._rid: bytes | None = None
+        self._xff: list[bytes] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.client_ip = self.peer_ip
+        self.trusted_peer = self.runtime.forwarding.is_trusted(self.peer_ip)
+        server.connections.add(self)
+        if len(server.connections) > self.limits.max_connections:
+            ex = Exchange(self)
+            ex.keep_alive = False
+            self.active = ex
+            self._stop_reading()
+            self.send_reply(ex, Reply.error("too_many_connections"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        active = self.active
+        for ex in (active, *self.pipeline, self.parsing):
+            if ex is None or ex.done:
+                continue
+            ex.done = True
+            up = ex.upstream
+            if up is not None:
+                ex.upstream = None
+                up.abort()
+            task = ex.task
+            if task is not None and not task.done():
+                task.cancel()
+            if ex is active:
+                ex.reply_code = ex.reply_code or "client_closed"
+                if ex.route is not None and ex.route.chain.log_hooks:
+                    ex.route.chain.run_log(ex)
+        self.pipeline.clear()
+        self.active = self.parsing = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._paused & PAUSE_STOPPED:
+            return  # lingering close or a dead parser: discard
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.code, cause.message)
+            else:
+                log.error("internal error while parsing a request", exc_info=cause)
+                self._reject("bad_request")
+        except httptools.HttpParserUpgrade:
+            # Upgrade headers were stripped and the request answered as plain HTTP; the bytes
+            # after it belong to a protocol we do not speak, so nothing more is parsed.
+            self._stop_reading()
+            ex = self.parsing
+            if ex is not None:
+                ex.keep_alive = False
+                self.on_message_complete()
+            for queued in (self.active, *self.pipeline):
+                if queued is not None:
+                    queued.keep_alive = False
+        except httptools.HttpParserError as exc:
+            self._reject("bad_request", f"malformed HTTP request: {_parser_reason(exc)}")
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after sending its request still gets the response.
+        return bool(self.active is not None and not self.active.done)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_since = self.server.now
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.resume_reading()
+
+    # -- reading pauses ---------------------------------------------------------------------
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _unpause(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def _stop_reading(self) -> None:
+        self._pause(PAUSE_STOPPED)
+
+    def pause_reading_for_upstream(self, paused: bool) -> None:
+        if paused:
+            self._pause(PAUSE_UPSTREAM)
+        else:
+            self._unpause(PAUSE_UPSTREAM)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        ex = Exchange(self)
+        self.parsing = ex
+        self._reset_head_state()
+        self._headers_since = self.server.now
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url = ex.url + url if ex.url else url
+        if len(ex.url) > self.limits.max_url_bytes:
+            raise _Reject("uri_too_long")
+        self._header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        self._header_count += 1
+        limits = self.limits
+        if self._header_bytes > limits.max_header_bytes:
+            raise _Reject("header_fields_too_large")
+        if self._header_count > limits.max_header_count:
+            raise _Reject("header_fields_too_large", "too many request header fields")
+        if not self._headers_since:
+            return  # a trailer field of a chunked body: counted, not forwarded
+        ex = self.parsing
+        assert ex is not None
+        lname = name.lower()
+        ex.headers.items.append((lname, name, value))
+        kind = _SPECIAL.get(lname)
+        if kind is not None:
+            if kind == _HOST:
+                self._host_count += 1
+                ex.host = value
+            elif kind == _CONTENT_LENGTH:
+                self._length_count += 1
+                self._length_value = value
+            elif kind == _TRANSFER_ENCODING:
+                self._te_count += 1
+                self._te_value = value
+            elif kind == _CONNECTION:
+                tokens = connection_tokens(value)
+                self._conn_tokens = (
+                    frozenset(tokens)
+                    if self._conn_tokens is None
+                    else self._conn_tokens | frozenset(tokens)
+                )
+            elif kind == _EXPECT:
+                self._expect = value
+            else:
+                if self._xff is None:
+                    self._xff = []
+                self._xff.append(value)
+        elif lname == self.runtime.forwarding.request_id_header:
+            self._rid = value
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self._headers_since = 0.0
+        self._body_since = self.server.now
+        parser = self.parser
+        ex.method = parser.get_method()
+        ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.start_time = time.monotonic()
+        self.requests += 1
+        rid = self._rid
+        ex.request_id = (
+            rid.decode("ascii")
+            if rid is not None and valid_request_id(rid)
+            else self.server.next_request_id()
+        )
+        # Framing: refuse anything a second parser could read differently.
+        if self._te_count:
+            if self._length_count:
+                raise _Reject("bad_request", "both Content-Length and Transfer-Encoding")
+            if self._te_count > 1 or not is_chunked_only(self._te_value):
+                raise _Reject("bad_request", "only a single 'chunked' transfer coding is accepted")
+            if ex.http10:
+                raise _Reject("bad_request", "Transfer-Encoding on an HTTP/1.0 request")
+            ex.body_kind = BODY_CHUNKED
+        elif self._length_count:
+            value = self._length_value.strip()
+            if self._length_count > 1 or not value.isdigit():
+                raise _Reject("bad_request", "duplicate or invalid Content-Length")
+            ex.content_length = int(value)
+            if ex.content_length:
+                ex.body_kind = BODY_LENGTH
+        if self._host_count > 1 or (self._host_count == 0 and not ex.http10):
+            raise _Reject("bad_request", "exactly one Host header is required")
+        target = split_target(ex.url)
+        if target is None:
+            if ex.method == b"CONNECT":
+                raise _Reject("not_implemented", "CONNECT is not supported")
+            raise _Reject("bad_request", "invalid request target")
+        path, ex.query, authority = target
+        if needs_normalising(path):
+            normal = normalise_path(path)
+            if normal is None:
+                raise _Reject("bad_request", "the path climbs above the root")
+            path = normal
+        ex.path = path
+        host = authority if authority is not None else ex.host
+        ex.host = host
+        if self._expect is not None:
+            if self._expect.strip().lower() != b"100-continue":
+                raise _Reject("expectation_failed")
+            ex.expect_continue = not ex.http10
+        route_host = host.lower()
+        colon = route_host.rfind(b":")
+        if colon >= 0 and route_host.find(b"]", colon) < 0:
+            route_host = route_host[:colon]
+        route = self.runtime.router.match(route_host, path, ex.method, ex.headers.items)
+        ex.route = route
+        max_body = self.limits.max_body_size
+        if route is not None and route.max_body_size:
+            max_body = route.max_body_size
+        ex.max_body = max_body
+        if max_body and ex.content_length > max_body:
+            raise _Reject("payload_too_large")
+        if self._xff is not None and self.trusted_peer:
+            ex.client_ip = self.runtime.forwarding.client_ip(self.peer_ip, self._xff)
+        ex.conn_tokens = self._conn_tokens
+        if self.active is None:
+            self.active = ex
+            self._start(ex)
+        else:
+            self.pipeline.append(ex)
+            if len(self.pipeline) >= MAX_PIPELINE:
+                self._pause(PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.body_received += len(body)
+        if ex.max_body and ex.body_received > ex.max_body:
+            raise _Reject("payload_too_large")
+        self._body_since = self.server.now
+        if ex.discard_body or ex.done:
+            return
+        up = ex.upstream
+        if up is not None and up.transport is not None:
+            if ex.body_kind == BODY_CHUNKED:
+                up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            else:
+                up.transport.write(body)
+            return
+        if ex.body_buf is None:
+            ex.body_buf = [body]
+        else:
+            ex.body_buf.append(body)
+        ex.body_buffered += len(body)
+        if ex.body_buffered > BODY_BUFFER_HIGH:
+            self._pause(PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        self.parsing = None
+        ex.request_complete = True
+        up = ex.upstream
+        if up is not None and ex.body_kind == BODY_CHUNKED and not ex.done:
+            up.write(b"0\r\n\r\n")
+        if ex.done and ex is self.active:
+            self._next()
+
+    # -- the exchange's life ----------------------------------------------------------------
+    def _start(self, ex: Exchange) -> None:
+        if ex.pending_error:
+            self.send_reply(ex, Reply.error(ex.pending_error))
+            return
+        route = ex.route
+        if route is None:
+            self.send_reply(ex, Reply.error("no_route"))
+            return
+        chain = route.chain
+        if chain.request_hooks:
+            if chain.has_async_request:
+                ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex))
+                return
+            reply = chain.run_request(ex)
+            if reply is not None:
+                self.send_reply(ex, reply)
+                return
+        else:
+            ex.plugins_ran = len(chain.plugins)
+        self._forward(ex)
+
+    async def _run_plugins(self, ex: Exchange) -> None:
+        assert ex.route is not None
+        reply = await ex.route.chain.run_request_async(ex)
+        ex.task = None
+        if ex.done or self.closed:
+            return
+        if reply is not None:
+            self.send_reply(ex, reply)
+        else:
+            self._forward(ex)
+
+    def _forward(self, ex: Exchange) -> None:
+        assert ex.route is not None
+        target = ex.route.upstream.pick()
+        ex.upstream_target = target
+        conn = target.pool.acquire()
+        if conn is None:
+            ex.task = asyncio.get_running_loop().create_task(self._connect(ex, target))
+        else:
+            self._attach(ex, conn)
+
+    async def _connect(self, ex: Exchange, target: Target) -> None:
+        assert ex.route is not None
+        code = ""
+        try:
+            conn = await connect(target, ex.route.upstream.timeouts.connect)
+        except TimeoutError:
+            code = "upstream_connect_timeout"
+        except OSError as exc:
+            log.warning(
+                "connect to %s failed: %s", target.label, exc, extra={"request_id": ex.request_id}
+            )
+            code = "upstream_connect_failed"
+        ex.task = None
+        if code:
+            if not ex.done and not self.closed:
+                self.upstream_failed(ex, code, None)
+            return
+        if ex.done or self.closed:
+            conn.close()
+            return
+        self._attach(ex, conn)
+
+    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        assert ex.route is not None and ex.upstream_target is not None
+        ex.upstream = conn
+        head = request_head(
+            ex,
+            ex.upstream_target,
+            ex.route.upstream_path(ex.path),
+            self.trusted_peer,
+            self.runtime.forwarding,
+            ex.conn_tokens,
+        )
+        conn.start(ex, head)
+        buf = ex.body_buf
+        if buf is not None:
+            ex.body_buf = None
+            ex.body_buffered = 0
+            transport = conn.transport
+            assert transport is not None
+            if ex.body_kind == BODY_CHUNKED:
+                transport.writelines([p for b in buf for p in (b"%x\r\n" % len(b), b, b"\r\n")])
+            else:
+                transport.writelines(buf)
+            self._check_buffer_pause()
+        if ex.request_complete:
+            if ex.body_kind == BODY_CHUNKED:
+                conn.write(b"0\r\n\r\n")
+        elif ex.expect_continue and not ex.continue_sent and ex.body_received == 0:
+            ex.continue_sent = True
+            self._write(CONTINUE)
+
+    def _check_buffer_pause(self) -> None:
+        parsing = self.parsing
+        if parsing is None or parsing.body_buffered <= BODY_BUFFER_HIGH:
+            self._unpause(PAUSE_BUFFER)
+
+    # -- called by the upstream connection --------------------------------------------------
+    def upstream_head(
+        self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes, bytes]]
+    ) -> None:
+        if ex.done:
+            return
+        conn = ex.upstream
+        assert conn is not None and ex.route is not None
+        ex.status = status
+        ex.response_headers = Headers(headers)
+        chain = ex.route.chain
+        framing = conn.framing
+        length: bytes | None = None
+        chunked = False
+        if framing == FRAMING_NONE:
+            if status != 204:
+                length = conn.length_value
+        elif framing == FRAMING_LENGTH and not chain.rewrites_body:
+            length = conn.length_value
+        elif ex.http10:
+            ex.keep_alive = False  # the body ends when the connection does
+        else:
+            chunked = True
+        ex.response_chunked = chunked
+        if chain.response_hooks:
+            try:
+                chain.run_response(ex)
+            except PluginFailure:
+                self.send_reply(ex, Reply.error("plugin_error"))
+                return
+        if self.server.draining:
+            ex.keep_alive = False
+        ex.response_started = True
+        self._write(
+            response_head(ex, length, chunked, self.runtime.forwarding, self.server.date_header)
+        )
+
+    def upstream_body(self, ex: Exchange, data: bytes) -> None:
+        if ex.done:
+            return
+        assert ex.route is not None
+        chain = ex.route.chain
+        if chain.body_hooks:
+            try:
+                data = chain.run_body(ex, data, False)
+            except PluginFailure:
+                self._abort(ex)
+                return
+            if not data:
+                return
+        ex.bytes_out += len(data)
+        transport = self.transport
+        assert transport is not None
+        if ex.response_chunked:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    def upstream_done(self, ex: Exchange, conn: UpstreamConnection, reusable: bool) -> None:
+        if ex.done:
+            conn.close()
+            return
+        ex.upstream = None
+        if reusable and ex.request_complete and not self.server.draining:
+            conn.target.pool.release(conn, self.server.now)
+        else:
+            conn.close()
+        assert ex.route is not None
+        chain = ex.route.chain
+        if chain.body_hooks:
+            try:
+                tail = chain.run_body(ex, b"", True)
+            except PluginFailure:
+                self._abort(ex)
+                return
+            if tail:
+                ex.bytes_out += len(tail)
+                if ex.response_chunked:
+                    self._write(b"%x\r\n%b\r\n" % (len(tail), tail))
+                else:
+                    self._write(tail)
+        if ex.response_chunked:
+            self._write(b"0\r\n\r\n")
+        self._finished(ex)
+
+    def upstream_failed(self, ex: Exchange, code: str, conn: UpstreamConnection | None) -> None:
+        if ex.done:
+            return
+        ex.upstream = None
+        if conn is not None:
+            conn.abort()
+            # A pooled connection the upstream closed while idle fails before any response:
+            # retry once on a fresh connection when the request can be replayed.
+            if (
+                code in _RETRYABLE
+                and conn.requests > 1
+                and not conn.response_started
+                and not ex.retries
+                and ex.method in _IDEMPOTENT
+                and ex.body_received == 0
+                and ex.body_kind != BODY_CHUNKED
+                and ex.content_length == 0
+            ):
+                ex.retries += 1
+                self._forward(ex)
+                return
+        if ex.response_started:
+            log.warning(
+                "upstream failed mid-response (%s); closing the client connection",
+                code,
+                extra={"request_id": ex.request_id},
+            )
+            self._abort(ex)
+        else:
+            self.send_reply(ex, Reply.error(code))
+
+    # -- replies and the end of an exchange -------------------------------------------------
+    def send_reply(self, ex: Exchange, reply: Reply) -> None:
+        """Answer ``ex`` with a gateway-made response (a plugin's or an error)."""
+        if ex.done:
+            return
+        if ex.response_started:
+            self._abort(ex)
+            return
+        up = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abort()
+        task = ex.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        ex.task = None
+        if not ex.request_id:
+            ex.request_id = self.server.next_request_id()
+        ex.status = reply.status
+        headers = [(n.lower(), n, v) for n, v in reply.headers]
+        if reply.code is not None:
+            ex.reply_code = reply.code
+            body = error_body(reply.status, reply.code, reply.message, ex.request_id)
+            headers.append((b"content-type", b"content-type", b"application/json"))
+            if ex.status >= 500 or ex.status in (400, 408, 413, 414, 431):
+                ex.keep_alive = False
+        else:
+            body = reply.body
+        ex.response_headers = Headers(headers)
+        if not ex.request_complete and ex.body_kind != BODY_NONE:
+            # The rest of the body must be read before the next request: fine when it is
+            # short and announced; otherwise (or when the client awaits 100-continue) close.
+            remaining = ex.content_length - ex.body_received
+            if (
+                ex.body_kind == BODY_CHUNKED
+                or remaining > DISCARD_LIMIT
+                or (ex.expect_continue and not ex.continue_sent)
+            ):
+                ex.keep_alive = False
+        if self.server.draining:
+            ex.keep_alive = False
+        if ex.route is not None and ex.route.chain.response_hooks:
+            try:
+                ex.route.chain.run_response(ex)
+            except PluginFailure:
+                pass  # already counted and logged; the reply goes out as it is
+        no_body = has_no_body(ex.status, ex.method)
+        length = None if ex.status == 204 or ex.status < 200 else str(len(body)).encode()
+        ex.response_started = True
+        head = response_head(ex, length, False, self.runtime.forwarding, self.server.date_header)
+        self._write(head if no_body else head + body)
+        ex.bytes_out = 0 if no_body else len(body)
+        self._finished(ex)
+
+    def _finished(self, ex: Exchange) -> None:
+        ex.done = True
+        route = ex.route
+        if route is not None and route.chain.log_hooks:
+            route.chain.run_log(ex)
+        if self.closed:
+            return
+        if not ex.keep_alive:
+            self._close(lingering=not ex.request_complete)
+        elif not ex.request_complete:
+            ex.discard_body = True  # on_message_complete moves on to the next exchange
+        else:
+            self._next()
+
+    def _next(self) -> None:
+        self.active = None
+        if self.pipeline:
+            ex = self.pipeline.popleft()
+            if len(self.pipeline) < MAX_PIPELINE // 2:
+                self._unpause(PAUSE_PIPELINE)
+            self.active = ex
+            self._start(ex)
+        else:
+            self.idle_since = self.server.now
+            if self.server.draining:
+                self._close(lingering=False)
+
+    def _reject(self, code: str, message: str | None = None) -> None:
+        """Parsing cannot go on: answer the request being parsed with ``code``, then close."""
+        self._stop_reading()
+        ex = self.parsing
+        if ex is None:
+            ex = Exchange(self)
+        self.parsing = None
+        ex.keep_alive = False
+        if ex.request_id == "":
+            ex.request_id = self.server.next_request_id()
+        log.info(
+            "rejected request: %s%s",
+            code,
+            f" ({message})" if message else "",
+            extra={"request_id": ex.request_id, "client": self.peer_ip},
+        )
+        if self.active is None:
+            self.active = ex
+        if ex is self.active:
+            self.send_reply(ex, Reply.error(code, message))
+        else:
+            ex.pending_error = code
+            if ex not in self.pipeline:
+                self.pipeline.append(ex)
+            for queued in self.pipeline:
+                queued.keep_alive = False
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def _abort(self, ex: Exchange) -> None:
+        """The response cannot be completed: drop the connection so the client sees it cut."""
+        up = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abort()
+        if not ex.done:
+            ex.done = True
+            ex.reply_code = ex.reply_code or "aborted"
+            if ex.route is not None and ex.route.chain.log_hooks:
+                ex.route.chain.run_log(ex)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self, lingering: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if lingering and transport.can_write_eof():
+            # Half-close and keep draining what the client still sends, so it can read our
+            # reply before the socket is torn down (a close with unread data sends a reset).
+            self._stop_reading()
+            transport.write_eof()
+            self.linger_until = self.server.now + LINGER_SECONDS
+            self._paused = PAUSE_STOPPED
+            transport.resume_reading()
+        else:
+            transport.close()
+
+    # -- the server's periodic sweep --------------------------------------------------------
+    def check_timeouts(self, now: float) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self.linger_until:
+            if now >= self.linger_until:
+                self.transport.close()
+            return
+        limits = self.limits
+        ex = self.active
+        if ex is None and self.parsing is None:
+            idle = limits.idle_timeout if self.requests else limits.header_timeout
+            if now - self.idle_since > idle:
+                self.transport.close()
+            return
+        if self._headers_since and now - self._headers_since > limits.header_timeout:
+            self._headers_since = 0.0
+            self._reject("request_timeout")
+            return
+        parsing = self.parsing
+        if (
+            parsing is not None
+            and not self._headers_since
+            and not parsing.request_complete
+            and now - self._body_since > limits.body_timeout
+        ):
+            if parsing is self.active and parsing.response_started:
+                self._abort(parsing)
+            else:
+                self._reject("body_timeout")
+            return
+        if ex is None or ex.done:
+            return
+        if self.write_paused:
+            if now - self.write_paused_since > limits.send_timeout:
+                log.info("client stopped reading; closing", extra={"request_id": ex.request_id})
+                self._abort(ex)
+            return
+        up = ex.upstream
+        route = ex.route
+        if (
+            up is not None
+            and route is not None
+            and now - up.last_read > route.upstream.timeouts.read
+        ):
+            self.upstream_failed(ex, "upstream_timeout", up)
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc)
+    return text[:120] if text else type(exc).__name__

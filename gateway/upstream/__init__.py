@@ -1,0 +1,1 @@
+"""Upstreams: targets, the balancer seam, per-target connection pools, the upstream protocol."""

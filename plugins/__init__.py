@@ -1,0 +1,1 @@
+"""Built-in plugins, one package each, registered by name (see gateway.plugin)."""
