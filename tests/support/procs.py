@@ -1,0 +1,157 @@
+"""Real processes for end-to-end tests: the gateway and the test upstream, on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None,
+                  timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class UpstreamProcess:
+    """``tests.support.upstream_server`` in its own process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.upstream_server", str(self.port)],
+            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.proc)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def received(self) -> list[dict[str, Any]]:
+        from tests.support.client import request
+
+        resp = request(self.port, "GET", "/__received")
+        return list(json.loads(resp.body)["requests"])
+
+    def connections(self) -> int:
+        from tests.support.client import request
+
+        resp = request(self.port, "GET", "/__received")
+        return int(json.loads(resp.body)["connections"])
+
+    def reset(self) -> None:
+        from tests.support.client import request
+
+        request(self.port, "POST", "/__reset")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class GatewayProcess:
+    """``python -m gateway run -c <config>`` with logs captured to a file."""
+
+    def __init__(self, config: dict[str, Any] | str, tmp: Path, port: int | None = None,
+                 extra_env: dict[str, str] | None = None, wait: bool = True) -> None:
+        self.port = port or free_port()
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        if isinstance(config, dict):
+            config = dict(config)
+            config.setdefault("listeners", [{"name": "public", "bind": f"127.0.0.1:{self.port}"}])
+            text = yaml.safe_dump(config, sort_keys=False)
+        else:
+            text = config.replace("{PORT}", str(self.port))
+        self.config_path = tmp / f"gateway-{self.port}.yaml"
+        self.config_path.write_text(text)
+        self.log_path = tmp / f"gateway-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        env = _env()
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path)],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        if wait:
+            try:
+                wait_for_port(self.port, self.proc)
+            except Exception:
+                self.stop()
+                raise RuntimeError(f"gateway did not start:\n{self.logs()}") from None
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def run_cli(*args: str, timeout: float = 30, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    full_env = _env()
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
