@@ -1,0 +1,115 @@
+"""The benchmark scenarios, as data: one ``Scenario`` entry each.
+
+An entry is a route config (what the gateway's bench config gets for it: a route on the
+scenario's path prefix to one of the stub upstreams, plus any plugins) and a load profile
+(method, path, body, connections; or, for ``kind="idle"``, a number of idle keep-alive
+connections to hold open). The harness, the Locust file and the report all read this list;
+adding a scenario is adding an entry here and nothing else.
+
+The upstream each scenario names is a stub from ``benchmarks.upstreams``: ``static`` answers
+a small body, echoes POST bodies under ``/post`` and serves 1 MiB under ``/download``;
+``llm`` is ``benchmarks.fake_llm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: Body sizes the static upstream and the scenarios agree on.
+SMALL_BODY = b'{"message":"hello from the benchmark upstream"}\n'
+POST_BYTES = 4096
+DOWNLOAD_BYTES = 1024 * 1024
+
+
+def json_body(size: int) -> bytes:
+    """A valid JSON document of exactly ``size`` bytes (``size`` >= 16)."""
+    head, tail = b'{"padding":"', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    title: str
+    #: ``load``: driven by wrk/Locust for a time window; ``idle``: connections held open.
+    kind: Literal["load", "idle"] = "load"
+    #: Request path; the gateway route for this scenario is a ``path_prefix`` on it.
+    path: str = "/"
+    method: Literal["GET", "POST"] = "GET"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    #: Concurrent connections; ``None``: the ``--connections`` option.
+    connections: int | None = None
+    #: For ``kind="idle"``: connections opened, each used for one request, then held idle.
+    idle_connections: int = 0
+    #: Which stub upstream the route goes to (``static`` or ``llm``).
+    upstream: Literal["static", "llm"] = "static"
+    #: Extra gateway route fields (``plugins``, ``max_body_size``, ...).
+    route: dict[str, Any] = field(default_factory=dict)
+    #: Extra nginx directives for this path's ``location`` in the reference proxy, where nginx
+    #: can do the equivalent (none for plugins nginx lacks: the ratio is then to a plain proxy).
+    nginx_location: str = ""
+    #: Part of the Locust file's user classes.
+    locust: bool = True
+
+    def gateway_route(self) -> dict[str, Any]:
+        route: dict[str, Any] = {
+            "name": self.name,
+            "match": {"path_prefix": self.path},
+            "upstream": self.upstream,
+        }
+        route.update(self.route)
+        return route
+
+    @property
+    def locust_class(self) -> str:
+        """The Locust user class name: ``plain_get`` -> ``PlainGetUser``."""
+        return "".join(part.capitalize() for part in self.name.split("_")) + "User"
+
+    def request_headers(self) -> dict[str, str]:
+        headers = dict(self.headers)
+        if self.body and "content-type" not in {k.lower() for k in headers}:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("plain_get", "plain GET, small response", path="/plain"),
+    Scenario(
+        "post_4k", "POST 4 KB JSON, 4 KB echoed", path="/post", method="POST",
+        body=json_body(POST_BYTES),
+    ),
+    Scenario("download_1m", "GET 1 MB download", path="/download", connections=16),
+    Scenario(
+        "keepalive_200", "200 concurrent keep-alive connections", path="/keepalive",
+        connections=200,
+    ),
+    Scenario(
+        "idle_2000", "2,000 idle keep-alive connections (RSS)", kind="idle", path="/idle",
+        idle_connections=2000, locust=False,
+    ),
+)  # fmt: skip
+
+#: Scenarios whose plugins do not exist yet; each is added to ``SCENARIOS`` by its issue.
+PLANNED: tuple[tuple[str, str], ...] = (
+    ("jwt", "JWT-protected route, tokens minted from the bench config's key (JWT plugin)"),
+    ("rate_limit", "rate-limited route, limit above the offered load (rate-limit plugin)"),
+    ("llm_json", "LLM chat completion, JSON, to the fake LLM (LLM plugin)"),
+    ("llm_stream", "LLM chat completion, SSE stream, to the fake LLM (LLM plugin)"),
+)
+
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def select(names: str | None) -> list[Scenario]:
+    """Scenarios named in a comma-separated list (all when ``None``), in list order."""
+    if not names:
+        return list(SCENARIOS)
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in BY_NAME]
+    if unknown:
+        planned = {name for name, _ in PLANNED}
+        notes = [f"{n} (planned, not built yet)" if n in planned else n for n in unknown]
+        raise ValueError(f"unknown scenario(s): {', '.join(notes)}; known: {', '.join(BY_NAME)}")
+    return [BY_NAME[n] for n in chosen]
