@@ -221,11 +221,14 @@ class _Compiler:
             exact, wild = [], []
             for j, host in enumerate(m.hosts):
                 h = host.strip().lower()
-                if h.startswith("*.") and len(h) > 2 and "*" not in h[2:]:
-                    wild.append(h[1:].encode("idna"))
-                elif h and "*" not in h:
-                    exact.append(h.encode("idna"))
-                else:
+                try:  # the idna codec refuses an empty label: encode the suffix after "*."
+                    if h.startswith("*.") and len(h) > 2 and "*" not in h[2:]:
+                        wild.append(b"." + h[2:].encode("idna"))
+                    elif h and "*" not in h:
+                        exact.append(h.encode("idna"))
+                    else:
+                        raise ValueError(h)
+                except ValueError:  # UnicodeError included: empty or overlong labels
                     self.error((*loc, "match", "hosts", j), "expected a host name or *.domain")
             paths = [p for p in (m.path, m.path_prefix, m.path_regex) if p is not None]
             if len(paths) > 1:

@@ -214,6 +214,13 @@ def load_text(
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         issues.extend(_pydantic_issues(exc, (), source))
+        # Plugin configs are checked too, so that one run reports every error it can.
+        if isinstance(data.get("plugins"), list):
+            _plugin_specs(data["plugins"], ("plugins",), registry, source, issues)
+        routes_data = data.get("routes")
+        for i, route in enumerate(routes_data if isinstance(routes_data, list) else ()):
+            if isinstance(route, dict) and isinstance(route.get("plugins"), list):
+                _plugin_specs(route["plugins"], ("routes", i, "plugins"), registry, source, issues)
         raise ConfigError(issues) from None
 
     global_specs = _plugin_specs(config.plugins, ("plugins",), registry, source, issues)

@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from gateway.http.headers import HOP_BY_HOP
+from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
 from gateway.upstream.connection import UpstreamConnection
 
@@ -28,8 +28,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _REQUEST_OWN = frozenset(
     {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"expect"}
 )
-#: Response headers whose framing role the gateway decides.
-_RESPONSE_OWN = frozenset({b"content-length", b"via"})
+#: Response headers not copied: hop-by-hop ones, and those the gateway writes itself.
+_RESPONSE_SKIP = HOP_BY_HOP | {b"content-length", b"via"}
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -132,12 +132,18 @@ def request_head(
 
 
 def response_head(
-    ex: Exchange, content_length: bytes | None, chunked: bool, fwd: Forwarding, date: bytes
+    ex: Exchange,
+    content_length: bytes | None,
+    chunked: bool,
+    fwd: Forwarding,
+    date: bytes,
+    connection: bytes | None = None,
 ) -> bytes:
     """Serialise ``ex.status`` and ``ex.response_headers`` for the client.
 
     ``content_length`` is the value to send (``None``: none); ``chunked`` adds
-    ``Transfer-Encoding: chunked``. Connection handling follows ``ex.keep_alive``.
+    ``Transfer-Encoding: chunked``; ``connection`` is the upstream's ``Connection`` value,
+    whose listed names are dropped. Connection handling follows ``ex.keep_alive``.
     """
     status = ex.status
     if 100 <= status < 600:
@@ -145,16 +151,12 @@ def response_head(
     else:
         line = status_line(status, ex.http10)
     parts = [line]
-    conn_tokens: list[bytes] | None = None
+    conn_tokens = None if connection is None else connection_tokens(connection)
     has_date = has_rid = False
     via = b""
     rid_name = fwd.request_id_header
-    items = ex.response_headers.items
-    for lname, _, value in items:
-        if lname == b"connection":
-            conn_tokens = [t.strip().lower() for t in value.split(b",")]
-    for lname, raw, value in items:
-        if lname in HOP_BY_HOP or lname in _RESPONSE_OWN:
+    for lname, raw, value in ex.response_headers.items:
+        if lname in _RESPONSE_SKIP:
             if lname == b"via":
                 via = value if not via else via + b", " + value
             continue

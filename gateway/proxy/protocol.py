@@ -96,6 +96,7 @@ class ClientConnection(asyncio.Protocol):
         "_body_since",
         "_conn_tokens",
         "_expect",
+        "_feeding",
         "_header_bytes",
         "_header_count",
         "_headers_since",
@@ -110,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "client_ip",
         "closed",
+        "held",
         "idle_since",
         "limits",
         "linger_until",
@@ -141,9 +143,13 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self._paused = 0
+        self._feeding = False
         self.write_paused = False
         self.write_paused_since = 0.0
         self.closed = False
+        # A response head is held back until the first body bytes (or the end of the
+        # upstream read) so head and body leave in one write: one syscall, not two.
+        self.held: bytes | None = None
         self.linger_until = 0.0
         self.idle_since = server.now
         self.requests = 0
@@ -205,6 +211,7 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._paused & PAUSE_STOPPED:
             return  # lingering close or a dead parser: discard
+        self._feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -227,10 +234,18 @@ class ClientConnection(asyncio.Protocol):
                     queued.keep_alive = False
         except httptools.HttpParserError as exc:
             self._reject("bad_request", f"malformed HTTP request: {_parser_reason(exc)}")
+        self._feeding = False
+        ex = self.active
+        if ex is not None:
+            up = ex.upstream
+            if up is not None and up.held is not None:
+                up.flush_held()
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes after sending its request still gets the response.
-        return bool(self.active is not None and not self.active.done)
+        # A client that has gone looks exactly like one that half-closed; as nginx and Envoy
+        # do, an EOF ends the connection, so the exchange in progress is cancelled and its
+        # upstream connection freed (connection_lost follows) instead of running on unseen.
+        return None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -369,17 +384,16 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject("bad_request", "the path climbs above the root")
             path = normal
         ex.path = path
+        if authority is not None and self._host_count and authority.lower() != ex.host.lower():
+            # RFC 9112 3.2.2 says to ignore Host here; a hop behind us may not, so refuse.
+            raise _Reject("bad_request", "the Host header does not match the request target")
         host = authority if authority is not None else ex.host
         ex.host = host
         if self._expect is not None:
             if self._expect.strip().lower() != b"100-continue":
                 raise _Reject("expectation_failed")
             ex.expect_continue = not ex.http10
-        route_host = host.lower()
-        colon = route_host.rfind(b":")
-        if colon >= 0 and route_host.find(b"]", colon) < 0:
-            route_host = route_host[:colon]
-        route = self.runtime.router.match(route_host, path, ex.method, ex.headers.items)
+        route = self.runtime.router.match(host, path, ex.method, ex.headers.items)
         ex.route = route
         max_body = self.limits.max_body_size
         if route is not None and route.max_body_size:
@@ -408,11 +422,8 @@ class ClientConnection(asyncio.Protocol):
         if ex.discard_body or ex.done:
             return
         up = ex.upstream
-        if up is not None and up.transport is not None:
-            if ex.body_kind == BODY_CHUNKED:
-                up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
-            else:
-                up.transport.write(body)
+        if up is not None:
+            up.send_body(body, ex.body_kind == BODY_CHUNKED)
             return
         if ex.body_buf is None:
             ex.body_buf = [body]
@@ -510,22 +521,31 @@ class ClientConnection(asyncio.Protocol):
             self.runtime.forwarding,
             ex.conn_tokens,
         )
-        conn.start(ex, head)
         buf = ex.body_buf
         if buf is not None:
+            # Head and the body buffered so far leave together.
             ex.body_buf = None
             ex.body_buffered = 0
-            transport = conn.transport
-            assert transport is not None
             if ex.body_kind == BODY_CHUNKED:
-                transport.writelines([p for b in buf for p in (b"%x\r\n" % len(b), b, b"\r\n")])
+                pieces = [p for b in buf for p in (b"%x\r\n" % len(b), b, b"\r\n")]
+                if ex.request_complete:
+                    pieces.append(b"0\r\n\r\n")
+                conn.start(ex, b"".join([head, *pieces]))
             else:
-                transport.writelines(buf)
+                conn.start(ex, b"".join([head, *buf]))
             self._check_buffer_pause()
-        if ex.request_complete:
-            if ex.body_kind == BODY_CHUNKED:
-                conn.write(b"0\r\n\r\n")
-        elif ex.expect_continue and not ex.continue_sent and ex.body_received == 0:
+        elif ex.request_complete or ex.body_kind == 0:
+            conn.start(ex, head + b"0\r\n\r\n" if ex.body_kind == BODY_CHUNKED else head)
+        else:
+            # The body is still to come: when it follows in the bytes being parsed right now,
+            # head and body leave in one write (data_received flushes a head left waiting).
+            conn.start(ex, head, hold=self._feeding)
+        if (
+            not ex.request_complete
+            and ex.expect_continue
+            and not ex.continue_sent
+            and ex.body_received == 0
+        ):
             ex.continue_sent = True
             self._write(CONTINUE)
 
@@ -567,9 +587,20 @@ class ClientConnection(asyncio.Protocol):
         if self.server.draining:
             ex.keep_alive = False
         ex.response_started = True
-        self._write(
-            response_head(ex, length, chunked, self.runtime.forwarding, self.server.date_header)
+        self.held = response_head(
+            ex,
+            length,
+            chunked,
+            self.runtime.forwarding,
+            self.server.date_header,
+            conn.connection_value,
         )
+
+    def flush_held(self) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            self._write(held)
 
     def upstream_body(self, ex: Exchange, data: bytes) -> None:
         if ex.done:
@@ -587,7 +618,14 @@ class ClientConnection(asyncio.Protocol):
         ex.bytes_out += len(data)
         transport = self.transport
         assert transport is not None
-        if ex.response_chunked:
+        held = self.held
+        if held is not None:
+            self.held = None
+            if ex.response_chunked:
+                transport.write(b"".join((held, b"%x\r\n" % len(data), data, b"\r\n")))
+            else:
+                transport.write(held + data)
+        elif ex.response_chunked:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
             transport.write(data)
@@ -603,6 +641,8 @@ class ClientConnection(asyncio.Protocol):
             conn.close()
         assert ex.route is not None
         chain = ex.route.chain
+        out = b"" if self.held is None else self.held
+        self.held = None
         if chain.body_hooks:
             try:
                 tail = chain.run_body(ex, b"", True)
@@ -611,12 +651,11 @@ class ClientConnection(asyncio.Protocol):
                 return
             if tail:
                 ex.bytes_out += len(tail)
-                if ex.response_chunked:
-                    self._write(b"%x\r\n%b\r\n" % (len(tail), tail))
-                else:
-                    self._write(tail)
+                out += b"%x\r\n%b\r\n" % (len(tail), tail) if ex.response_chunked else tail
         if ex.response_chunked:
-            self._write(b"0\r\n\r\n")
+            out += b"0\r\n\r\n"
+        if out:
+            self._write(out)
         self._finished(ex)
 
     def upstream_failed(self, ex: Exchange, code: str, conn: UpstreamConnection | None) -> None:
@@ -765,6 +804,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _abort(self, ex: Exchange) -> None:
         """The response cannot be completed: drop the connection so the client sees it cut."""
+        self.held = None
         up = ex.upstream
         if up is not None:
             ex.upstream = None

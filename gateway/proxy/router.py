@@ -141,6 +141,15 @@ class Route:
         return f"<Route {self.name}>"
 
 
+def normalise_host(raw: bytes) -> bytes:
+    """``API.Example.com:8080`` -> ``api.example.com``; ``[::1]:80`` -> ``[::1]``."""
+    host = raw.strip().lower()
+    colon = host.rfind(b":")
+    if colon >= 0 and host.find(b"]", colon) < 0:
+        host = host[:colon]
+    return host.rstrip(b".")
+
+
 def _prefix_match(path: bytes, prefix: bytes) -> bool:
     """``/orders`` matches ``/orders``, ``/orders/`` and ``/orders/1`` but not ``/ordersX``."""
     if not path.startswith(prefix):
@@ -155,15 +164,18 @@ class Router:
         self.routes = tuple(routes)
         self._cache: dict[bytes, tuple[Route, ...]] = {}
 
-    def candidates(self, host: bytes) -> tuple[Route, ...]:
-        found = self._cache.get(host)
+    def candidates(self, raw_host: bytes) -> tuple[Route, ...]:
+        """Routes admitting this Host header value, most specific first. Keyed by the raw
+        value, so a cached host costs one dict lookup: no lower-casing or port stripping."""
+        found = self._cache.get(raw_host)
         if found is None:
+            host = normalise_host(raw_host)
             admitted = [r for r in self.routes if r.admits_host(host)]
             admitted.sort(key=lambda r: (r.host_rank(host), r.specificity(), r.order))
             found = tuple(admitted)
             if len(self._cache) >= HOST_CACHE_SIZE:
                 self._cache.clear()
-            self._cache[host] = found
+            self._cache[raw_host] = found
         return found
 
     def match(

@@ -34,15 +34,20 @@ FRAMING_LENGTH = 1
 FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3  # read until the upstream closes
 
+_FRAMING_HEADERS = {b"content-length": 1, b"transfer-encoding": 2, b"connection": 3}
+
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_chunked",
         "_headers",
         "_in_body",
         "_interim",
         "_parser",
+        "connection_value",
         "exchange",
         "framing",
+        "held",
         "idle_since",
         "last_read",
         "length_value",
@@ -61,7 +66,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_body = False
         self._interim = False
         self.framing = FRAMING_NONE
+        self.held: bytes | None = None
         self.length_value: bytes | None = None
+        self.connection_value: bytes | None = None
+        self._chunked = False
         self.response_started = False
         self.requests = 0
         self.idle_since = 0.0
@@ -88,7 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
             # An idle connection must stay silent; anything else means we lost track of it.
             self.close()
             return
-        self.last_read = ex.conn.server.now
+        client = ex.conn
+        self.last_read = client.server.now
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -96,6 +105,8 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             if self.exchange is not None:
                 self._fail("upstream_bad_response")
+        if client.held is not None:
+            client.flush_held()
 
     def eof_received(self) -> bool | None:
         return None  # let connection_lost decide
@@ -114,10 +125,23 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._in_body = False
+        self.length_value = None
+        self.connection_value = None
+        self._chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_body:  # headers after the head are trailers: dropped, consistently
-            self._headers.append((name.lower(), name, value))
+        if self._in_body:
+            return  # headers after the body are trailers: dropped, consistently
+        lname = name.lower()
+        self._headers.append((lname, name, value))
+        kind = _FRAMING_HEADERS.get(lname)
+        if kind is not None:
+            if kind == 1:
+                self.length_value = value
+            elif kind == 2:
+                self._chunked = value.strip().lower().endswith(b"chunked")
+            else:
+                self.connection_value = value
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
@@ -129,23 +153,17 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         self._interim = False
-        headers = self._headers
-        framing = FRAMING_CLOSE
-        length = None
-        for lname, _, value in headers:
-            if lname == b"content-length":
-                length = value
-                framing = FRAMING_LENGTH
-            elif lname == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
-                framing = FRAMING_CHUNKED
-                length = None
-                break
         if ex.method == b"HEAD" or status == 204 or status == 304:
-            framing = FRAMING_NONE
-        self.framing = framing
-        self.length_value = length
+            self.framing = FRAMING_NONE
+        elif self._chunked:
+            self.framing = FRAMING_CHUNKED
+            self.length_value = None
+        elif self.length_value is not None:
+            self.framing = FRAMING_LENGTH
+        else:
+            self.framing = FRAMING_CLOSE
         self.response_started = True
-        ex.conn.upstream_head(ex, status, headers)
+        ex.conn.upstream_head(ex, status, self._headers)
         if ex.method == b"HEAD" and self.exchange is ex:
             keep = self._parser.should_keep_alive()
             self._parser = httptools.HttpResponseParser(self)
@@ -165,19 +183,49 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish(ex, self._parser.should_keep_alive())
 
     # -- used by the client side ------------------------------------------------------------
-    def start(self, ex: Exchange, head: bytes) -> None:
-        """Bind an exchange and write its request head."""
+    def start(self, ex: Exchange, head: bytes, hold: bool = False) -> None:
+        """Bind an exchange and write its request head. With ``hold``, the head waits for
+        the first body bytes (or ``flush_held``) so that both leave in one write."""
         self.exchange = ex
         self.response_started = False
         self.framing = FRAMING_NONE
         self.requests += 1
         self.last_read = ex.conn.server.now
         assert self.transport is not None
-        self.transport.write(head)
+        if hold:
+            self.held = head
+        else:
+            self.transport.write(head)
 
     def write(self, data: bytes) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            data = held + data
         if self.transport is not None:
             self.transport.write(data)
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        held = self.held
+        if held is not None:
+            self.held = None
+            if chunked:
+                transport.write(b"".join((held, b"%x\r\n" % len(data), data, b"\r\n")))
+            else:
+                transport.write(held + data)
+        elif chunked:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    def flush_held(self) -> None:
+        held = self.held
+        if held is not None and self.transport is not None:
+            self.held = None
+            self.transport.write(held)
 
     def usable(self) -> bool:
         t = self.transport
@@ -190,6 +238,7 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection at once: its exchange was abandoned mid-way."""
         self.exchange = None
+        self.held = None
         if self.transport is not None:
             self.transport.abort()
 
