@@ -43,6 +43,7 @@ from benchmarks.procs import (
     Proc,
     Processes,
     available_cpus,
+    cpu_busy_seconds,
     cpu_seconds,
     descendants,
     free_port,
@@ -55,7 +56,8 @@ from benchmarks.upstreams import Upstream, start_llm, start_static
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SCALING_SCENARIO = "plain_get"
-PROXIES = ("gateway", "nginx")
+#: Share of the proxy's CPUs used by other processes above which a run is flagged as noisy.
+NOISE_LIMIT = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +221,7 @@ def measure_load(
     pids = proxy.pids()
     url = proxy.url + scenario.path
     cpu_before = cpu_seconds(pids)
+    busy_before, steal_before = cpu_busy_seconds(split.proxy)
     wall_before = time.monotonic()
     if settings.loadgen == "wrk":
         assert settings.wrk is not None
@@ -243,7 +246,9 @@ def measure_load(
         )
     wall = time.monotonic() - wall_before
     cpu = cpu_seconds(pids) - cpu_before
+    busy_after, steal_after = cpu_busy_seconds(split.proxy)
     proxy.check_alive()
+    capacity = wall * len(split.proxy)
     return {
         "requests": result.requests,
         "duration_s": round(result.duration_s, 3),
@@ -254,14 +259,20 @@ def measure_load(
         "cpu_us_per_req": round(cpu * 1e6 / result.requests, 2) if result.requests else None,
         # Share of the proxy's CPUs it used over the window: near 1.0 means it was the
         # bottleneck; well below, the load generator or upstream was.
-        "cpu_util": round(cpu / wall / len(split.proxy), 3) if wall > 0 else None,
+        "cpu_util": round(cpu / capacity, 3) if capacity > 0 else None,
+        # Share of the proxy's CPUs used by other processes (or taken by the hypervisor) in
+        # the window: the noise indicator. Near 0 on a quiet machine with pinning.
+        "foreign_util": (
+            round(max(0.0, busy_after - busy_before - cpu) / capacity, 3) if capacity else None
+        ),
+        "steal_util": round((steal_after - steal_before) / capacity, 3) if capacity else None,
         "errors": result.errors,
         "tool": result.tool,
     }
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict, dict]:
-    keys = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util")
+    keys = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util", "foreign_util")
     median: dict[str, dict[str, float]] = {}
     for proxy, samples in runs.items():
         median[proxy] = {}
@@ -307,7 +318,8 @@ def run_load_scenario(
             print(
                 f"  {name:<16} {proxy.name:<8} run {rep + 1}: {sample['rps']:>10.0f} req/s  "
                 f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
-                f"{sample['cpu_us_per_req']} CPU µs/req  util {sample['cpu_util']}"
+                f"{sample['cpu_us_per_req']} CPU µs/req  util {sample['cpu_util']}  "
+                f"others {sample['foreign_util']}"
                 + (f"  ERRORS {sample['errors']}" if sample["errors"] else ""),
                 flush=True,
             )
@@ -444,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--loadgen", choices=["auto", "wrk", "locust"], default="auto", help="default: wrk"
     )
     parser.add_argument("--no-nginx", action="store_true", help="measure the gateway alone")
+    parser.add_argument(
+        "--upstream",
+        choices=["auto", "asyncio"],
+        default="auto",
+        help="static stub upstream: nginx when installed (auto), or the asyncio one",
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
     return parser
 
@@ -463,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
+        ok = True  # nothing to debug: drop the temp files
         return 130
+    except SystemExit:
+        ok = True
+        raise
     except (RuntimeError, TimeoutError, ValueError, OSError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -479,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str]) -> None:
     started = time.monotonic()
+    load_average = os.getloadavg()
     scenarios = [] if args.scenarios == "none" else select(args.scenarios)
     notes: list[str] = []
 
@@ -495,7 +518,7 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
     if nginx_binary is None:
         notes.append(
             "nginx not found (Debian: apt-get install nginx-light): no reference proxy, no "
-            "ratios; the static upstream is the asyncio fallback"
+            "ratios, and the static upstream is the asyncio one"
             if not args.no_nginx
             else "--no-nginx: the gateway alone, no ratios"
         )
@@ -522,7 +545,7 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
         needed.add(BY_NAME[SCALING_SCENARIO].upstream)
     starters: dict[str, Callable[[], Upstream]] = {
         "static": lambda: start_static(
-            procs, work / "upstream", split.load, nginx_binary is not None
+            procs, work / "upstream", split.load, prefer_nginx=args.upstream != "asyncio"
         ),
         "llm": lambda: start_llm(procs, work / "llm", split.load),
     }
@@ -545,6 +568,17 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
                 )
         finally:
             _stop_proxies(procs, proxies)
+        noisy = [
+            f"{proxy} {median['foreign_util']:.0%}"
+            for proxy, median in results[-1].get("median", {}).items()
+            if median.get("foreign_util", 0) > NOISE_LIMIT
+        ]
+        if noisy:
+            notes.append(
+                f"{scenario.name}: other processes used the proxy's CPU during the runs "
+                f"({', '.join(noisy)}): req/s and latency are understated there; CPU µs/req "
+                "counts the proxy's own time only"
+            )
         errors = sum(s["errors"] for runs in results[-1].get("runs", {}).values() for s in runs)
         if errors:
             notes.append(f"{scenario.name}: {errors} errors (socket errors, timeouts or >= 400)")
@@ -575,6 +609,7 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
                 f"nginx {nginx.nginx_version(nginx_binary)}" if nginx_binary else None
             ),
             "gateway_workers": 1,
+            "load_average_at_start": [round(x, 2) for x in load_average],
         },
         "scenarios": results,
         "planned_scenarios": [name for name, _ in PLANNED],
@@ -684,6 +719,7 @@ def _banner(
         f"load: {settings.loadgen}, {settings.duration}s x {settings.repetitions} reps per "
         f"proxy, {settings.warmup}s warm-up",
         "upstreams: " + ", ".join(f"{n}={u.kind}" for n, u in upstreams.items()),
-        "reference proxy: " + (nginx.nginx_version(nginx_binary) if nginx_binary else "none"),
+        "reference proxy: "
+        + (f"nginx {nginx.nginx_version(nginx_binary)}" if nginx_binary else "none"),
     ]
     return "\n".join(lines)

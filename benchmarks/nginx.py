@@ -38,7 +38,7 @@ def find_nginx() -> str | None:
 
 def nginx_version(binary: str) -> str:
     out = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
-    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
+    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ").removeprefix("nginx/")
 
 
 def _common(directory: Path, workers: int, role: str, connections: int) -> str:

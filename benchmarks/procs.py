@@ -165,6 +165,26 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def cpu_busy_seconds(cpus: Iterable[int]) -> tuple[float, float]:
+    """(user + nice + system, steal) seconds spent so far on ``cpus``, from /proc/stat.
+
+    Interrupt and softirq time are left out: part of it is the proxy's own network work,
+    which a process's stime may or may not include depending on the kernel's accounting."""
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = steal = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] in wanted:
+                    user, nice, system = int(fields[1]), int(fields[2]), int(fields[3])
+                    busy += user + nice + system
+                    steal += int(fields[8]) if len(fields) > 8 else 0
+    except OSError:
+        pass
+    return busy / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
 def rss_kb(pid: int) -> int:
     """Resident set size of one process in KiB (0 if it has gone)."""
     try:

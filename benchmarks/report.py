@@ -12,8 +12,8 @@ MACHINE_JSON = "machine.json"
 CPU_CHART = "cpu_per_request.png"
 SCALING_CHART = "scaling.png"
 
-_LOAD_COLUMNS = ("req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU util")
-_LOAD_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util")
+_LOAD_COLUMNS = ("req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU util", "others")
+_LOAD_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util", "foreign_util")
 
 
 def _fmt(value: Any, key: str = "") -> str:
@@ -21,7 +21,7 @@ def _fmt(value: Any, key: str = "") -> str:
         return "-"
     if key == "rps":
         return f"{value:,.0f}"
-    if key == "cpu_util":
+    if key in ("cpu_util", "foreign_util"):
         return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
@@ -148,10 +148,12 @@ def markdown(payload: dict[str, Any], charts: list[str]) -> str:
         f"{setup['warmup_s']} s warm-up; medians shown",
         "- Upstreams: " + ", ".join(f"{k}: {v}" for k, v in setup["upstreams"].items()),
         f"- Reference proxy: {setup['reference_proxy'] or 'none'}; gateway workers: "
-        f"{setup['gateway_workers']}",
+        f"{setup['gateway_workers']}; load average at start "
+        f"{setup.get('load_average_at_start')}",
         "- CPU µs/req: utime+stime of all the proxy's processes over the window / completed "
         "requests. CPU util: that CPU time / wall time / proxy CPUs (near 1.0: the proxy was "
-        "the bottleneck). Ratios are gateway / nginx.",
+        "the bottleneck). Others: share of the proxy's CPUs used by other processes in the "
+        "window (noise). Ratios are gateway / nginx.",
         "",
     ]
     load, idle = _rows(payload)
