@@ -164,8 +164,15 @@ def test_http10_client(gw: GatewayProcess) -> None:
 def test_http10_client_keep_alive(gw: GatewayProcess) -> None:
     with Conn(gw.port) as c:
         c.send(b"GET /echo/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        data = c.sock.recv(65536)
-        assert b"connection: keep-alive" in data.lower()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += c.sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"connection: keep-alive" in head.lower()
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += c.sock.recv(65536)
+        assert len(body) == length
         c.send(b"GET /echo/2 HTTP/1.0\r\n\r\n")
         rest = bytearray()
         while chunk := c.sock.recv(65536):  # without keep-alive, the gateway closes after it
