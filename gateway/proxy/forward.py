@@ -121,7 +121,9 @@ def request_head(
     else:
         parts += (b"x-forwarded-for: ", peer, b"\r\n")
     parts += (b"x-forwarded-proto: ", xfp if (trusted_peer and xfp) else ex.conn.scheme, b"\r\n")
-    parts += (b"x-forwarded-host: ", xfh if (trusted_peer and xfh) else ex.host, b"\r\n")
+    fwd_host = xfh if (trusted_peer and xfh) else ex.host
+    if fwd_host:  # an HTTP/1.0 request may carry no Host at all
+        parts += (b"x-forwarded-host: ", fwd_host, b"\r\n")
     if fwd.via:
         parts += (b"via: ", via + b", " + fwd.via if via else fwd.via, b"\r\n")
     if ex.body_kind == 2:
