@@ -28,6 +28,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks import loadgen, machine, nginx, report
+from benchmarks import loadgen, machine, nginx, profile, report
 from benchmarks.procs import (
     Proc,
     Processes,
@@ -68,6 +69,8 @@ class Settings:
     connections: int
     loadgen: str  # "wrk" or "locust"
     wrk: str | None
+    py_spy: str | None = None  # --profile: py-spy's path
+    out: Path | None = None
 
 
 @dataclass(slots=True)
@@ -220,7 +223,7 @@ def measure_load(
     proxy.check_alive()
     pids = proxy.pids()
     url = proxy.url + scenario.path
-    cpu_before = cpu_seconds(pids)
+    user_before, sys_before = cpu_seconds(pids)
     busy_before, steal_before = cpu_busy_seconds(split.proxy)
     wall_before = time.monotonic()
     if settings.loadgen == "wrk":
@@ -245,7 +248,9 @@ def measure_load(
             report_prefix=reports / label,
         )
     wall = time.monotonic() - wall_before
-    cpu = cpu_seconds(pids) - cpu_before
+    user_after, sys_after = cpu_seconds(pids)
+    user, system = user_after - user_before, sys_after - sys_before
+    cpu = user + system
     busy_after, steal_after = cpu_busy_seconds(split.proxy)
     proxy.check_alive()
     capacity = wall * len(split.proxy)
@@ -257,6 +262,10 @@ def measure_load(
         "p99_ms": round(result.p99_ms, 3),
         "cpu_s": round(cpu, 3),
         "cpu_us_per_req": round(cpu * 1e6 / result.requests, 2) if result.requests else None,
+        # The split: kernel time (syscalls, TCP) is roughly what any proxy pays; user time is
+        # the proxy's own code.
+        "user_us_per_req": round(user * 1e6 / result.requests, 2) if result.requests else None,
+        "sys_us_per_req": round(system * 1e6 / result.requests, 2) if result.requests else None,
         # Share of the proxy's CPUs it used over the window: near 1.0 means it was the
         # bottleneck; well below, the load generator or upstream was.
         "cpu_util": round(cpu / capacity, 3) if capacity > 0 else None,
@@ -272,7 +281,10 @@ def measure_load(
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict, dict]:
-    keys = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util", "foreign_util")
+    keys = (
+        "rps", "p50_ms", "p99_ms", "cpu_us_per_req", "user_us_per_req", "sys_us_per_req",
+        "cpu_util", "foreign_util",
+    )  # fmt: skip
     median: dict[str, dict[str, float]] = {}
     for proxy, samples in runs.items():
         median[proxy] = {}
@@ -282,7 +294,14 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict, dict]:
                 median[proxy][key] = round(statistics.median(values), 3)
     ratio: dict[str, float] = {}
     if "gateway" in median and "nginx" in median:
-        for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req"):
+        for key in (
+            "rps",
+            "p50_ms",
+            "p99_ms",
+            "cpu_us_per_req",
+            "user_us_per_req",
+            "sys_us_per_req",
+        ):
             g, n = median["gateway"].get(key), median["nginx"].get(key)
             if g is not None and n:
                 ratio[key] = round(g / n, 3)
@@ -318,11 +337,14 @@ def run_load_scenario(
             print(
                 f"  {name:<16} {proxy.name:<8} run {rep + 1}: {sample['rps']:>10.0f} req/s  "
                 f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
-                f"{sample['cpu_us_per_req']} CPU µs/req  util {sample['cpu_util']}  "
+                f"{sample['cpu_us_per_req']} CPU µs/req (user {sample['user_us_per_req']}, "
+                f"sys {sample['sys_us_per_req']})  util {sample['cpu_util']}  "
                 f"others {sample['foreign_util']}"
                 + (f"  ERRORS {sample['errors']}" if sample["errors"] else ""),
                 flush=True,
             )
+    if settings.py_spy is not None:
+        profile_gateway(proxies[0], scenario, settings, split, conns, work, reports, name)
     median, ratio = summarise(runs)
     return {
         "name": scenario.name,
@@ -336,6 +358,39 @@ def run_load_scenario(
         "median": median,
         "ratio": ratio,
     }
+
+
+def profile_gateway(
+    gateway: ProxyUnderTest,
+    scenario: Scenario,
+    settings: Settings,
+    split: CpuSplit,
+    connections: int,
+    work: Path,
+    reports: Path,
+    name: str,
+) -> None:
+    """One extra, unreported load run of the gateway with py-spy attached to its (first)
+    process; the profile goes to the results directory."""
+    assert settings.py_spy is not None and settings.out is not None
+    folded = settings.out / f"profile-{name}.folded"
+    spy = profile.start(settings.py_spy, gateway.procs[0].pid, settings.duration, folded)
+    time.sleep(0.3)  # let py-spy attach before the load starts
+    measure_load(
+        gateway, scenario, settings, split, settings.duration, connections, work, reports,
+        f"{name}-gateway-profile",
+    )  # fmt: skip
+    try:
+        _, err = spy.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    if not folded.exists():
+        print(f"  py-spy wrote no profile: {err.decode(errors='replace')[-500:]}", flush=True)
+        return
+    summary = settings.out / f"profile-{name}.txt"
+    summary.write_text(profile.summarise(folded))
+    print(f"  {name:<16} gateway  profile: {summary}", flush=True)
 
 
 def run_idle_scenario(scenario: Scenario, proxies: list[ProxyUnderTest]) -> dict[str, Any]:
@@ -462,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="static stub upstream: nginx when installed (auto), or the asyncio one",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each load scenario, one more gateway run under py-spy (not measured)",
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
     return parser
 
@@ -513,6 +573,8 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
         connections=args.connections,
         loadgen=loadgen_name,
         wrk=wrk_binary,
+        py_spy=_find_py_spy() if args.profile else None,
+        out=args.out,
     )
     nginx_binary = None if args.no_nginx else nginx.find_nginx()
     if nginx_binary is None:
@@ -680,6 +742,13 @@ def run_scaling(
         ),
         "points": points,
     }
+
+
+def _find_py_spy() -> str:
+    binary = profile.find_py_spy()
+    if binary is None:
+        raise RuntimeError("--profile needs py-spy: pip install py-spy")
+    return binary
 
 
 def _choose_loadgen(choice: str, notes: list[str]) -> tuple[str, str | None]:

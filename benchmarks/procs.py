@@ -154,15 +154,16 @@ def _read_stat(pid: int) -> list[str] | None:
     return raw[raw.rfind(")") + 2 :].split()
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """utime + stime of ``pids`` in seconds (processes that have gone count as 0)."""
-    ticks = 0
+def cpu_seconds(pids: Iterable[int]) -> tuple[float, float]:
+    """(utime, stime) of ``pids`` in seconds, summed (processes that have gone count as 0)."""
+    user = system = 0
     for pid in pids:
         stat = _read_stat(pid)
         if stat is not None:
             # stat[0] is field 3 (state); utime and stime are fields 14 and 15.
-            ticks += int(stat[11]) + int(stat[12])
-    return ticks / CLOCK_TICKS
+            user += int(stat[11])
+            system += int(stat[12])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def cpu_busy_seconds(cpus: Iterable[int]) -> tuple[float, float]:

@@ -12,8 +12,13 @@ MACHINE_JSON = "machine.json"
 CPU_CHART = "cpu_per_request.png"
 SCALING_CHART = "scaling.png"
 
-_LOAD_COLUMNS = ("req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU util", "others")
-_LOAD_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util", "foreign_util")
+_LOAD_COLUMNS = (
+    "req/s", "p50 ms", "p99 ms", "CPU µs/req", "user µs", "sys µs", "CPU util", "others",
+)  # fmt: skip
+_LOAD_KEYS = (
+    "rps", "p50_ms", "p99_ms", "cpu_us_per_req", "user_us_per_req", "sys_us_per_req",
+    "cpu_util", "foreign_util",
+)  # fmt: skip
 
 
 def _fmt(value: Any, key: str = "") -> str:
@@ -151,7 +156,8 @@ def markdown(payload: dict[str, Any], charts: list[str]) -> str:
         f"{setup['gateway_workers']}; load average at start "
         f"{setup.get('load_average_at_start')}",
         "- CPU µs/req: utime+stime of all the proxy's processes over the window / completed "
-        "requests. CPU util: that CPU time / wall time / proxy CPUs (near 1.0: the proxy was "
+        "requests, split into user (the proxy's own code) and sys (kernel: syscalls, TCP). "
+        "CPU util: that CPU time / wall time / proxy CPUs (near 1.0: the proxy was "
         "the bottleneck). Others: share of the proxy's CPUs used by other processes in the "
         "window (noise). Ratios are gateway / nginx.",
         "",

@@ -20,7 +20,10 @@ from benchmarks.scenarios import SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[2]
 
-LOAD_SAMPLE_KEYS = ("requests", "duration_s", "rps", "p50_ms", "p99_ms", "cpu_s", "cpu_us_per_req")
+LOAD_SAMPLE_KEYS = (
+    "requests", "duration_s", "rps", "p50_ms", "p99_ms", "cpu_s", "cpu_us_per_req",
+    "user_us_per_req", "sys_us_per_req", "cpu_util",
+)  # fmt: skip
 MEDIAN_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util")
 
 
@@ -88,6 +91,7 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
                     for key in LOAD_SAMPLE_KEYS:
                         _positive(sample[key], f"{where}.{key}")
                     assert sample["p99_ms"] >= sample["p50_ms"], where
+                    assert sample["foreign_util"] >= 0 and sample["steal_util"] >= 0, where
                     assert sample["errors"] == 0, f"{where}: {sample['errors']} errors"
                     assert sample["tool"] == loadgen
                 for key in MEDIAN_KEYS:
