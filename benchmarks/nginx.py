@@ -64,16 +64,19 @@ http {{
 
 
 def argv(binary: str, directory: Path, role: str) -> list[str]:
-    conf = directory / f"{role}.conf"
-    return [
-        binary,
-        "-p",
-        str(directory),
-        "-c",
-        str(conf),
-        "-e",
-        str(directory / f"{role}-error.log"),
-    ]
+    args = [binary, "-p", str(directory), "-c", str(directory / f"{role}.conf")]
+    # -e (1.19.5+) sets the error log nginx opens before reading its config; older versions
+    # try the compiled-in path, complain when it is not writable, and carry on.
+    if _version_tuple(nginx_version(binary)) >= (1, 19, 5):
+        args += ["-e", str(directory / f"{role}-error.log")]
+    return args
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in version.split()[0].split("."))
+    except (ValueError, IndexError):
+        return (0,)
 
 
 def write_upstream_config(directory: Path, port: int, workers: int) -> Path:
