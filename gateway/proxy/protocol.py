@@ -258,6 +258,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         ex = self.active
         if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            # The pause was the client's doing, not upstream silence: restart the read timer.
+            ex.upstream.last_read = self.server.now
             ex.upstream.transport.resume_reading()
 
     # -- reading pauses ---------------------------------------------------------------------
@@ -344,7 +346,12 @@ class ClientConnection(asyncio.Protocol):
         self._body_since = self.server.now
         parser = self.parser
         ex.method = parser.get_method()
-        ex.http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        ex.http10 = version == "1.0"
+        if not ex.http10 and version != "1.1":
+            # httptools reads "GET /x\n..." as HTTP/0.9 and accepts "HTTP/2.0"; forwarded as
+            # 1.1 either would be framed differently by the next hop.
+            raise _Reject("bad_request", f"HTTP/{version} is not supported")
         ex.keep_alive = parser.should_keep_alive()
         ex.start_time = time.monotonic()
         self.requests += 1
@@ -392,7 +399,8 @@ class ClientConnection(asyncio.Protocol):
         if self._expect is not None:
             if self._expect.strip().lower() != b"100-continue":
                 raise _Reject("expectation_failed")
-            ex.expect_continue = not ex.http10
+            # No body, nothing to wait for: a 100 would only precede the final response.
+            ex.expect_continue = not ex.http10 and ex.body_kind != BODY_NONE
         route = self.runtime.router.match(host, path, ex.method, ex.headers.items)
         ex.route = route
         max_body = self.limits.max_body_size
@@ -423,6 +431,9 @@ class ClientConnection(asyncio.Protocol):
             return
         up = ex.upstream
         if up is not None:
+            # The exchange is progressing: the upstream's read timer counts its silence from
+            # here (a body sent slower than the timeout overall is not a silent upstream).
+            up.last_read = self._body_since
             up.send_body(body, ex.body_kind == BODY_CHUNKED)
             return
         if ex.body_buf is None:
@@ -540,6 +551,9 @@ class ClientConnection(asyncio.Protocol):
             # The body is still to come: when it follows in the bytes being parsed right now,
             # head and body leave in one write (data_received flushes a head left waiting).
             conn.start(ex, head, hold=self._feeding)
+        if self.write_paused and conn.transport is not None:
+            # The client has not taken what is already sent: read no response for it yet.
+            conn.transport.pause_reading()
         if (
             not ex.request_complete
             and ex.expect_continue
@@ -636,6 +650,8 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.upstream = None
         if reusable and ex.request_complete and not self.server.draining:
+            if self.write_paused and conn.transport is not None:
+                conn.transport.resume_reading()  # paused for this client, not for the next
             conn.target.pool.release(conn, self.server.now)
         else:
             conn.close()
@@ -649,7 +665,9 @@ class ClientConnection(asyncio.Protocol):
             except PluginFailure:
                 self._abort(ex)
                 return
-            if tail:
+            # A bodiless response (HEAD, 204, 304) stays bodiless: bytes written after its
+            # head would be read as the start of the next response.
+            if tail and conn.framing != FRAMING_NONE:
                 ex.bytes_out += len(tail)
                 out += b"%x\r\n%b\r\n" % (len(tail), tail) if ex.response_chunked else tail
         if ex.response_chunked:
@@ -750,6 +768,19 @@ class ClientConnection(asyncio.Protocol):
             route.chain.run_log(ex)
         if self.closed:
             return
+        # The exchange's upstream is gone and can no longer resume reading for it.
+        self._unpause(PAUSE_UPSTREAM)
+        if not ex.request_complete:
+            ex.body_buf = None
+            ex.body_buffered = 0
+            self._unpause(PAUSE_BUFFER)
+            # The rest of the body must be read before the next request: fine when short and
+            # announced, otherwise closing is cheaper (send_reply decides this before its head;
+            # an upstream that answered early is covered here).
+            if ex.body_kind == BODY_CHUNKED or (
+                ex.content_length - ex.body_received > DISCARD_LIMIT
+            ):
+                ex.keep_alive = False
         if not ex.keep_alive:
             self._close(lingering=not ex.request_complete)
         elif not ex.request_complete:
