@@ -95,6 +95,26 @@ def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
             _record_lines(item, (*loc, i), lines)
 
 
+def _duplicate_keys(node: yaml.Node, loc: Loc) -> list[ConfigIssue]:
+    """YAML keeps the last of two equal keys, silently: in a config that is a typo or a
+    bad merge (a second ``routes:`` drops the first), so it is an error."""
+    found: list[ConfigIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                child = (*loc, key_node.value)
+                if key_node.value in seen:
+                    line = key_node.start_mark.line + 1
+                    found.append(ConfigIssue(format_loc(child), "duplicate key", line))
+                seen.add(key_node.value)
+                found += _duplicate_keys(value_node, child)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, (*loc, i))
+    return found
+
+
 def _interpolate(
     value: Any, loc: Loc, env: Mapping[str, str], issues: list[ConfigIssue], source: Source
 ) -> Any:
@@ -187,6 +207,9 @@ def parse_yaml(text: str, source: Source) -> Any:
             if node is None:
                 return None
             _record_lines(node, (), source.lines)
+            duplicates = _duplicate_keys(node, ())
+            if duplicates:
+                raise ConfigError(duplicates)
             return loader.construct_document(node)
         finally:
             loader.dispose()

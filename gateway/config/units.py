@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -26,6 +27,8 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if not math.isfinite(seconds):  # YAML's .nan would disable a timeout silently
+        raise ValueError("a duration must be a finite number")
     return seconds
 
 

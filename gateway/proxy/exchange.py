@@ -48,6 +48,7 @@ class Exchange:
         "host",
         "http10",
         "keep_alive",
+        "length_header",
         "max_body",
         "method",
         "path",
@@ -89,6 +90,7 @@ class Exchange:
         self.conn_tokens: frozenset[bytes] | None = None
         self.body_kind = BODY_NONE
         self.content_length = 0
+        self.length_header: bytes | None = None  # the validated Content-Length, as sent on
         self.body_received = 0
         self.body_buf: list[bytes] | None = None
         self.body_buffered = 0

@@ -25,8 +25,19 @@ if TYPE_CHECKING:
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Request headers the gateway rewrites itself rather than copying.
+#: Framing (Content-Length, and Transfer-Encoding as hop-by-hop) is always written from what
+#: the gateway parsed, never copied from ``ex.headers``, which plugins may edit: a plugin
+#: cannot make the upstream read the body differently from the gateway.
 _REQUEST_OWN = frozenset(
-    {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"expect"}
+    {
+        b"host",
+        b"content-length",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"via",
+        b"expect",
+    }
 )
 #: Response headers not copied: hop-by-hop ones, and those the gateway writes itself.
 _RESPONSE_SKIP = HOP_BY_HOP | {b"content-length", b"via"}
@@ -128,6 +139,8 @@ def request_head(
         parts += (b"via: ", via + b", " + fwd.via if via else fwd.via, b"\r\n")
     if ex.body_kind == 2:
         parts.append(b"transfer-encoding: chunked\r\n")
+    elif ex.length_header is not None:
+        parts += (b"content-length: ", ex.length_header, b"\r\n")
     parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
     parts += (b"host: ", host, b"\r\n\r\n")
     return b"".join(parts)

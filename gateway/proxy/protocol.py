@@ -375,6 +375,7 @@ class ClientConnection(asyncio.Protocol):
             if self._length_count > 1 or not value.isdigit():
                 raise _Reject("bad_request", "duplicate or invalid Content-Length")
             ex.content_length = int(value)
+            ex.length_header = value
             if ex.content_length:
                 ex.body_kind = BODY_LENGTH
         if self._host_count > 1 or (self._host_count == 0 and not ex.http10):

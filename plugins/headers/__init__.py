@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from gateway.http.headers import Headers, is_token
+from gateway.http.headers import HOP_BY_HOP, Headers, is_token
 from gateway.plugin import Plugin, PluginConfig
 from gateway.proxy.exchange import Exchange
 
@@ -43,9 +43,18 @@ class HeaderEdits(BaseModel):
         return v
 
 
+#: Headers the gateway writes itself. Editing framing headers would let the upstream read the
+#: body differently from the gateway (a configured request-smuggling hole); the others would
+#: be silently overridden, so refusing them at load is more honest.
+_MANAGED = HOP_BY_HOP | {b"content-length", b"host"}
+
+
 def _check_name(name: str) -> None:
-    if not is_token(name.encode("latin-1", "replace")):
+    raw = name.encode("latin-1", "replace")
+    if not is_token(raw):
         raise ValueError(f"{name!r} is not a valid header name")
+    if raw.lower() in _MANAGED:
+        raise ValueError(f"{name!r} is managed by the gateway and cannot be edited")
 
 
 class HeadersConfig(PluginConfig):
