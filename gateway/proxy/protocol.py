@@ -103,8 +103,11 @@ class ClientConnection(asyncio.Protocol):
         "_host_count",
         "_length_count",
         "_length_value",
+        "_max_header_bytes",
+        "_max_header_count",
         "_paused",
         "_rid",
+        "_rid_name",
         "_te_count",
         "_te_value",
         "_xff",
@@ -133,6 +136,9 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.runtime: Runtime = server.runtime
         self.limits = self.runtime.limits
+        self._max_header_bytes = self.limits.max_header_bytes
+        self._max_header_count = self.limits.max_header_count
+        self._rid_name = self.runtime.forwarding.request_id_header
         self.scheme = scheme
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -285,10 +291,12 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
-        ex = Exchange(self)
-        self.parsing = ex
-        self._reset_head_state()
+        self.parsing = Exchange(self)
         self._headers_since = self.server.now
+        # _reset_head_state(), inlined: this runs for every request.
+        self._header_bytes = self._header_count = self._host_count = 0
+        self._length_count = self._te_count = 0
+        self._conn_tokens = self._expect = self._rid = self._xff = None
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
@@ -299,45 +307,44 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        self._header_count += 1
-        limits = self.limits
-        if self._header_bytes > limits.max_header_bytes:
-            raise _Reject("header_fields_too_large")
-        if self._header_count > limits.max_header_count:
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
+        count = self._header_count + 1
+        self._header_count = count
+        if size > self._max_header_bytes or count > self._max_header_count:
+            if size > self._max_header_bytes:
+                raise _Reject("header_fields_too_large")
             raise _Reject("header_fields_too_large", "too many request header fields")
-        if not self._headers_since:
-            return  # a trailer field of a chunked body: counted, not forwarded
         ex = self.parsing
-        assert ex is not None
+        if ex is None or not self._headers_since:
+            return  # a trailer field of a chunked body: counted, not forwarded
         lname = name.lower()
         ex.headers.items.append((lname, name, value))
         kind = _SPECIAL.get(lname)
         if kind is not None:
-            if kind == _HOST:
-                self._host_count += 1
-                ex.host = value
-            elif kind == _CONTENT_LENGTH:
-                self._length_count += 1
-                self._length_value = value
-            elif kind == _TRANSFER_ENCODING:
-                self._te_count += 1
-                self._te_value = value
-            elif kind == _CONNECTION:
-                tokens = connection_tokens(value)
-                self._conn_tokens = (
-                    frozenset(tokens)
-                    if self._conn_tokens is None
-                    else self._conn_tokens | frozenset(tokens)
-                )
-            elif kind == _EXPECT:
-                self._expect = value
-            else:
-                if self._xff is None:
-                    self._xff = []
-                self._xff.append(value)
-        elif lname == self.runtime.forwarding.request_id_header:
+            self._special_header(ex, kind, value)
+        elif lname == self._rid_name:
             self._rid = value
+
+    def _special_header(self, ex: Exchange, kind: int, value: bytes) -> None:
+        if kind == _HOST:
+            self._host_count += 1
+            ex.host = value
+        elif kind == _CONTENT_LENGTH:
+            self._length_count += 1
+            self._length_value = value
+        elif kind == _TRANSFER_ENCODING:
+            self._te_count += 1
+            self._te_value = value
+        elif kind == _CONNECTION:
+            tokens = frozenset(connection_tokens(value))
+            self._conn_tokens = tokens if self._conn_tokens is None else self._conn_tokens | tokens
+        elif kind == _EXPECT:
+            self._expect = value
+        elif self._xff is None:
+            self._xff = [value]
+        else:
+            self._xff.append(value)
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -380,13 +387,22 @@ class ClientConnection(asyncio.Protocol):
                 ex.body_kind = BODY_LENGTH
         if self._host_count > 1 or (self._host_count == 0 and not ex.http10):
             raise _Reject("bad_request", "exactly one Host header is required")
-        target = split_target(ex.url)
-        if target is None:
-            if ex.method == b"CONNECT":
-                raise _Reject("not_implemented", "CONNECT is not supported")
-            raise _Reject("bad_request", "invalid request target")
-        path, ex.query, authority = target
-        if needs_normalising(path):
+        url = ex.url
+        authority = None
+        if url[:1] == b"/" and b"#" not in url:  # origin-form, the common case, inlined
+            q = url.find(b"?")
+            if q < 0:
+                path = url
+            else:
+                path, ex.query = url[:q], url[q + 1 :]
+        else:
+            target = split_target(url)
+            if target is None:
+                if ex.method == b"CONNECT":
+                    raise _Reject("not_implemented", "CONNECT is not supported")
+                raise _Reject("bad_request", "invalid request target")
+            path, ex.query, authority = target
+        if b"/." in path or (b"%" in path and needs_normalising(path)):
             normal = normalise_path(path)
             if normal is None:
                 raise _Reject("bad_request", "the path climbs above the root")

@@ -181,7 +181,10 @@ class Router:
     def match(
         self, host: bytes, path: bytes, method: bytes, headers: list[tuple[bytes, bytes, bytes]]
     ) -> Route | None:
-        for route in self.candidates(host):
+        found = self._cache.get(host)
+        if found is None:
+            found = self.candidates(host)
+        for route in found:
             if route.matches(path, method, headers):
                 return route
         return None
