@@ -3,15 +3,17 @@
 Theory of operation
 -------------------
 1. CPUs are split: the proxy under test gets CPU 0 (CPUs 0..n-1 in a scaling step with n
-   workers), the load generator, the stub upstreams and this harness get the rest. With a
+   workers); the load generator, the stub upstreams and this harness get the rest. With a
    single CPU nothing is pinned and the results say so.
 2. The stub upstreams start once (``benchmarks.upstreams``: nginx, or the asyncio fallback).
 3. For each scenario (``benchmarks.scenarios``) a fresh gateway and a fresh nginx reverse proxy
-   are started, both with a route per scenario, then measured in turn, A B A B, for the
-   configured repetitions, after a short warm-up of each.
-4. One measurement: read the proxy's CPU time (utime+stime of all its processes), run wrk
+   are started, both with a route for it, warmed up, then measured in turn, A B A B, for the
+   configured repetitions. A pair during which other processes took the proxy's CPU (a shared
+   machine) is run again, up to ``--retry-noisy`` times, and the quietest attempt kept.
+4. One measurement: read the proxy's CPU time (utime and stime of all its processes), run wrk
    (or Locust) for the window, read it again. CPU µs per request = CPU time / completed
-   requests. Requests/s and p50/p99 come from the load generator.
+   requests. Requests/s and p50/p99 come from the load generator. /proc/stat gives how busy
+   the CPUs were with anything else (the noise indicator).
 5. Idle scenarios open N keep-alive connections (one request each, then idle) and read the
    RSS of the proxy's worker processes before and while they are held.
 6. Medians of the repetitions and the ratio gateway/nginx go to stdout, ``results.json``,
@@ -23,7 +25,9 @@ Everything started is stopped on exit, on Ctrl-C and on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -32,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +60,14 @@ from benchmarks.upstreams import Upstream, start_llm, start_static
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SCALING_SCENARIO = "plain_get"
-#: Share of the proxy's CPUs used by other processes above which a run is flagged as noisy.
+#: Share of the CPUs used by other processes above which a run is flagged as noisy.
 NOISE_LIMIT = 0.05
+#: Medians reported per proxy, and those also given as a ratio gateway/nginx.
+MEDIAN_KEYS = (
+    "rps", "p50_ms", "p99_ms", "cpu_us_per_req", "user_us_per_req", "sys_us_per_req",
+    "cpu_util", "foreign_util", "load_foreign_util",
+)  # fmt: skip
+RATIO_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "user_us_per_req", "sys_us_per_req")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +76,13 @@ class Settings:
     repetitions: int
     warmup: int
     connections: int
+    retry_noisy: int  # times a noisy A B pair is run again
     loadgen: str  # "wrk" or "locust"
     wrk: str | None
-    retry_noisy: int = 0  # times a noisy A B pair is run again
-    py_spy: str | None = None  # --profile: py-spy's path
-    out: Path | None = None
+    py_spy: str | None  # --profile: py-spy's path
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class CpuSplit:
     proxy: list[int]
     load: list[int]
@@ -93,14 +101,30 @@ class CpuSplit:
         return bool(set(self.proxy) & set(self.load))
 
 
+@dataclass(slots=True)
+class Bench:
+    """What every step of a run needs."""
+
+    settings: Settings
+    split: CpuSplit
+    procs: Processes
+    work: Path  # temporary: configs, logs, wrk scripts
+    out: Path  # results
+    nginx_binary: str | None
+    upstreams: dict[str, Upstream] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def upstream_pids(self) -> list[int]:
+        return [pid for up in self.upstreams.values() for proc in up.procs for pid in proc.pids()]
+
+
 class ProxyUnderTest:
     """A running gateway (N processes on one port) or nginx (master + N workers)."""
 
-    def __init__(self, name: str, port: int, procs: list[Proc], version: str) -> None:
+    def __init__(self, name: str, port: int, procs: list[Proc]) -> None:
         self.name = name
         self.port = port
         self.procs = procs
-        self.version = version
 
     @property
     def url(self) -> str:
@@ -124,13 +148,12 @@ class ProxyUnderTest:
                 )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+# -- starting the proxies ------------------------------------------------------------------
 
 
-def gateway_config(port: int, upstreams: dict[str, Upstream], scenarios: list[Scenario]) -> dict:
+def gateway_config(
+    port: int, upstreams: dict[str, Upstream], scenarios: list[Scenario]
+) -> dict[str, Any]:
     return {
         "listeners": [{"name": "public", "bind": f"127.0.0.1:{port}"}],
         "upstreams": {
@@ -147,28 +170,23 @@ def gateway_config(port: int, upstreams: dict[str, Upstream], scenarios: list[Sc
 
 
 def start_gateway(
-    procs: Processes,
-    directory: Path,
-    workers: int,
-    cpus: list[int],
-    upstreams: dict[str, Upstream],
-    scenarios: list[Scenario],
+    bench: Bench, directory: Path, workers: int, scenarios: list[Scenario]
 ) -> ProxyUnderTest:
     """``workers`` gateway processes sharing one port through SO_REUSEPORT (the gateway binds
     with it). This becomes ``workers: N`` in the config once the gateway has a supervisor."""
-    from gateway import __version__
-
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = directory / "gateway.yaml"
-    conf.write_text(yaml.safe_dump(gateway_config(port, upstreams, scenarios), sort_keys=False))
+    config = gateway_config(port, bench.upstreams, scenarios)
+    conf.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = [
-        procs.start(
+        bench.procs.start(
             f"gateway[{i}]",
             [sys.executable, "-m", "gateway", "run", "-c", str(conf), "--log-format", "text"],
             directory / f"gateway-{i}.log",
-            cpus=cpus,
-            env=_env(),
+            cpus=bench.split.proxy,
+            env=env,
             cwd=ROOT,
         )
         for i in range(workers)
@@ -177,62 +195,84 @@ def start_gateway(
         wait_listening(started, port)
     except Exception:
         for proc in started:
-            procs.stop(proc)
+            bench.procs.stop(proc)
         raise
-    return ProxyUnderTest("gateway", port, started, __version__)
+    return ProxyUnderTest("gateway", port, started)
 
 
 def start_nginx_proxy(
-    procs: Processes,
-    directory: Path,
-    binary: str,
-    workers: int,
-    cpus: list[int],
-    upstreams: dict[str, Upstream],
-    scenarios: list[Scenario],
+    bench: Bench, directory: Path, binary: str, workers: int, scenarios: list[Scenario]
 ) -> ProxyUnderTest:
     port = free_port()
-    nginx.write_proxy_config(
-        directory, port, workers, {name: up.port for name, up in upstreams.items()}, scenarios
-    )
-    proc = procs.start(
-        "nginx proxy", nginx.argv(binary, directory, "proxy"), directory / "proxy.out", cpus=cpus
+    upstream_ports = {name: up.port for name, up in bench.upstreams.items()}
+    nginx.write_proxy_config(directory, port, workers, upstream_ports, scenarios)
+    proc = bench.procs.start(
+        "nginx proxy",
+        nginx.argv(binary, directory, "proxy"),
+        directory / "proxy.out",
+        cpus=bench.split.proxy,
     )
     try:
         wait_listening([proc], port)
-        # All workers up (each holds the listening socket with reuseport).
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10  # and all workers forked
         while len(descendants(proc.pid)) < workers and time.monotonic() < deadline:
             time.sleep(0.05)
     except Exception:
-        procs.stop(proc)
+        bench.procs.stop(proc)
         raise
-    return ProxyUnderTest("nginx", port, [proc], nginx.nginx_version(binary))
+    return ProxyUnderTest("nginx", port, [proc])
+
+
+def start_proxies(
+    bench: Bench, directory: Path, workers: int, scenarios: list[Scenario]
+) -> list[ProxyUnderTest]:
+    started = [start_gateway(bench, directory / "gateway", workers, scenarios)]
+    if bench.nginx_binary is not None:
+        try:
+            started.append(
+                start_nginx_proxy(
+                    bench, directory / "nginx-proxy", bench.nginx_binary, workers, scenarios
+                )
+            )
+        except Exception:
+            stop_proxies(bench, started)
+            raise
+    return started
+
+
+def stop_proxies(bench: Bench, proxies: list[ProxyUnderTest]) -> None:
+    for proxy in proxies:
+        for proc in proxy.procs:
+            bench.procs.stop(proc)
+
+
+# -- measuring -------------------------------------------------------------------------------
 
 
 def measure_load(
+    bench: Bench,
     proxy: ProxyUnderTest,
     scenario: Scenario,
-    settings: Settings,
-    split: CpuSplit,
     duration: int,
     connections: int,
-    scripts: Path,
-    reports: Path,
     label: str,
 ) -> dict[str, Any]:
+    """One load window against ``proxy``; the sample's numbers (see README: Method)."""
+    settings, split = bench.settings, bench.split
     proxy.check_alive()
     pids = proxy.pids()
-    url = proxy.url + scenario.path
-    user_before, sys_before = cpu_seconds(pids)
-    busy_before, steal_before = cpu_busy_seconds(split.proxy)
-    wall_before = time.monotonic()
+    background = bench.upstream_pids()
+    user0, sys0 = cpu_seconds(pids)
+    busy0, steal0 = cpu_busy_seconds(split.proxy)
+    load_busy0, _ = cpu_busy_seconds(split.load)
+    ours0 = _own_and_children_cpu() + sum(cpu_seconds(background))
+    wall0 = time.monotonic()
     if settings.loadgen == "wrk":
         assert settings.wrk is not None
         result = loadgen.run_wrk(
             settings.wrk,
-            url,
-            loadgen.write_wrk_script(scenario, scripts),
+            proxy.url + scenario.path,
+            loadgen.write_wrk_script(scenario, bench.work),
             connections,
             threads=len(split.load),
             duration=duration,
@@ -246,116 +286,129 @@ def measure_load(
             processes=len(split.load),
             duration=duration,
             cpus=split.load,
-            report_prefix=reports / label,
+            report_prefix=bench.out / "locust" / label,
         )
-    wall = time.monotonic() - wall_before
-    user_after, sys_after = cpu_seconds(pids)
-    user, system = user_after - user_before, sys_after - sys_before
-    cpu = user + system
-    busy_after, steal_after = cpu_busy_seconds(split.proxy)
+    wall = time.monotonic() - wall0
+    user1, sys1 = cpu_seconds(pids)
+    busy1, steal1 = cpu_busy_seconds(split.proxy)
+    load_busy1, _ = cpu_busy_seconds(split.load)
+    ours1 = _own_and_children_cpu() + sum(cpu_seconds(background))
     proxy.check_alive()
+    user, system = user1 - user0, sys1 - sys0
+    cpu = user + system
+    n = result.requests
     capacity = wall * len(split.proxy)
+    load_capacity = wall * len(split.load)
+    ours = ours1 - ours0  # load generator, upstreams and harness: expected on the load CPUs
     return {
-        "requests": result.requests,
+        "requests": n,
         "duration_s": round(result.duration_s, 3),
         "rps": round(result.rps, 1),
         "p50_ms": round(result.p50_ms, 3),
         "p99_ms": round(result.p99_ms, 3),
         "cpu_s": round(cpu, 3),
-        "cpu_us_per_req": round(cpu * 1e6 / result.requests, 2) if result.requests else None,
+        "cpu_us_per_req": round(cpu * 1e6 / n, 2) if n else None,
         # The split: kernel time (syscalls, TCP) is roughly what any proxy pays; user time is
         # the proxy's own code.
-        "user_us_per_req": round(user * 1e6 / result.requests, 2) if result.requests else None,
-        "sys_us_per_req": round(system * 1e6 / result.requests, 2) if result.requests else None,
-        # Share of the proxy's CPUs it used over the window: near 1.0 means it was the
-        # bottleneck; well below, the load generator or upstream was.
-        "cpu_util": round(cpu / capacity, 3) if capacity > 0 else None,
-        # Share of the proxy's CPUs used by other processes (or taken by the hypervisor) in
-        # the window: the noise indicator. Near 0 on a quiet machine with pinning.
-        "foreign_util": (
-            round(max(0.0, busy_after - busy_before - cpu) / capacity, 3) if capacity else None
+        "user_us_per_req": round(user * 1e6 / n, 2) if n else None,
+        "sys_us_per_req": round(system * 1e6 / n, 2) if n else None,
+        # Share of the proxy's CPUs it used: near 1.0 it was the bottleneck; well below,
+        # the load generator or upstream was.
+        "cpu_util": round(cpu / capacity, 3),
+        # Share of the proxy's CPUs used by other processes (the noise indicator; near 0 on a
+        # quiet machine with pinning), and the same for the load generator's CPUs.
+        "foreign_util": round(max(0.0, busy1 - busy0 - cpu) / capacity, 3),
+        "load_foreign_util": (
+            None
+            if split.shared
+            else round(max(0.0, load_busy1 - load_busy0 - ours) / load_capacity, 3)
         ),
-        "steal_util": round((steal_after - steal_before) / capacity, 3) if capacity else None,
+        "steal_util": round((steal1 - steal0) / capacity, 3),
         "errors": result.errors,
         "tool": result.tool,
     }
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict, dict]:
-    keys = (
-        "rps", "p50_ms", "p99_ms", "cpu_us_per_req", "user_us_per_req", "sys_us_per_req",
-        "cpu_util", "foreign_util",
-    )  # fmt: skip
+def _own_and_children_cpu() -> float:
+    """CPU seconds of this harness and its waited-for children (wrk, Locust)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, float]]:
     median: dict[str, dict[str, float]] = {}
     for proxy, samples in runs.items():
         median[proxy] = {}
-        for key in keys:
+        for key in MEDIAN_KEYS:
             values = [s[key] for s in samples if s.get(key) is not None]
             if values:
                 median[proxy][key] = round(statistics.median(values), 3)
     ratio: dict[str, float] = {}
     if "gateway" in median and "nginx" in median:
-        for key in (
-            "rps",
-            "p50_ms",
-            "p99_ms",
-            "cpu_us_per_req",
-            "user_us_per_req",
-            "sys_us_per_req",
-        ):
+        for key in RATIO_KEYS:
             g, n = median["gateway"].get(key), median["nginx"].get(key)
             if g is not None and n:
                 ratio[key] = round(g / n, 3)
     return median, ratio
 
 
+def _noise(sample: dict[str, Any]) -> float:
+    return max(sample["foreign_util"], sample["load_foreign_util"] or 0.0)
+
+
+def _print_sample(name: str, proxy: str, rep: int, sample: dict[str, Any]) -> None:
+    print(
+        f"  {name:<16} {proxy:<8} run {rep + 1}: {sample['rps']:>8.0f} req/s  "
+        f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
+        f"{sample['cpu_us_per_req']} CPU µs/req (user {sample['user_us_per_req']}, "
+        f"sys {sample['sys_us_per_req']})  util {sample['cpu_util']}  "
+        f"others {sample['foreign_util']}/{sample['load_foreign_util']}"
+        + (f"  ERRORS {sample['errors']}" if sample["errors"] else ""),
+        flush=True,
+    )
+
+
 def run_load_scenario(
+    bench: Bench,
     scenario: Scenario,
     proxies: list[ProxyUnderTest],
-    settings: Settings,
-    split: CpuSplit,
-    work: Path,
-    reports: Path,
     connections: int | None = None,
     tag: str = "",
 ) -> dict[str, Any]:
+    settings = bench.settings
     conns = connections or scenario.connections or settings.connections
     name = scenario.name + tag
     if settings.warmup:
         for proxy in proxies:
             measure_load(
-                proxy, scenario, settings, split, settings.warmup, conns, work, reports,
-                f"{name}-{proxy.name}-warmup",
-            )  # fmt: skip
+                bench, proxy, scenario, settings.warmup, conns, f"{name}-{proxy.name}-warmup"
+            )
     runs: dict[str, list[dict[str, Any]]] = {p.name: [] for p in proxies}
-    retried = 0
+    rerun = 0
     for rep in range(settings.repetitions):
         attempts: list[dict[str, dict[str, Any]]] = []
         while True:
             pair = {}
             for proxy in proxies:  # A B A B: drift hits both alike
-                label = f"{name}-{proxy.name}-{rep + 1}" + (
-                    f"-retry{len(attempts)}" if attempts else ""
+                label = f"{name}-{proxy.name}-{rep + 1}" + (f"-{len(attempts)}" if attempts else "")
+                pair[proxy.name] = measure_load(
+                    bench, proxy, scenario, settings.duration, conns, label
                 )
-                sample = measure_load(
-                    proxy, scenario, settings, split, settings.duration, conns, work, reports, label
-                )
-                pair[proxy.name] = sample
-                _print_sample(name, proxy.name, rep, sample)
+                _print_sample(name, proxy.name, rep, pair[proxy.name])
             attempts.append(pair)
-            # A pair during which other processes took the proxy's CPU is run again (when
-            # they are not our own load generator, as in an oversubscribed scaling step).
-            if split.shared or len(attempts) > settings.retry_noisy or not _noisy(pair):
+            noisy = max(_noise(s) for s in pair.values()) > NOISE_LIMIT
+            if not noisy or bench.split.shared or len(attempts) > settings.retry_noisy:
                 break
-            retried += 1
-            print(
-                f"  {name:<16} noisy pair (other processes on the proxy's CPU): again", flush=True
-            )
-        quietest = min(attempts, key=lambda p: max(s["foreign_util"] or 0 for s in p.values()))
+            rerun += 1
+            print(f"  {name:<16} noisy (other processes on the CPUs): run again", flush=True)
+        quietest = min(attempts, key=lambda p: max(_noise(s) for s in p.values()))
         for proxy_name, sample in quietest.items():
             runs[proxy_name].append(sample)
     if settings.py_spy is not None:
-        profile_gateway(proxies[0], scenario, settings, split, conns, work, reports, name)
+        profile_gateway(bench, proxies[0], scenario, conns, name)
     median, ratio = summarise(runs)
     return {
         "name": scenario.name,
@@ -366,48 +419,23 @@ def run_load_scenario(
         "body_bytes": len(scenario.body),
         "connections": conns,
         "runs": runs,
-        "noisy_pairs_rerun": retried,
+        "noisy_pairs_rerun": rerun,
         "median": median,
         "ratio": ratio,
     }
 
 
-def _noisy(pair: dict[str, dict[str, Any]]) -> bool:
-    return any((s["foreign_util"] or 0) > NOISE_LIMIT for s in pair.values())
-
-
-def _print_sample(name: str, proxy: str, rep: int, sample: dict[str, Any]) -> None:
-    print(
-        f"  {name:<16} {proxy:<8} run {rep + 1}: {sample['rps']:>10.0f} req/s  "
-        f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
-        f"{sample['cpu_us_per_req']} CPU µs/req (user {sample['user_us_per_req']}, "
-        f"sys {sample['sys_us_per_req']})  util {sample['cpu_util']}  "
-        f"others {sample['foreign_util']}"
-        + (f"  ERRORS {sample['errors']}" if sample["errors"] else ""),
-        flush=True,
-    )
-
-
 def profile_gateway(
-    gateway: ProxyUnderTest,
-    scenario: Scenario,
-    settings: Settings,
-    split: CpuSplit,
-    connections: int,
-    work: Path,
-    reports: Path,
-    name: str,
+    bench: Bench, gateway: ProxyUnderTest, scenario: Scenario, connections: int, name: str
 ) -> None:
     """One extra, unreported load run of the gateway with py-spy attached to its (first)
     process; the profile goes to the results directory."""
-    assert settings.py_spy is not None and settings.out is not None
-    folded = settings.out / f"profile-{name}.folded"
-    spy = profile.start(settings.py_spy, gateway.procs[0].pid, settings.duration, folded)
+    assert bench.settings.py_spy is not None
+    duration = bench.settings.duration
+    folded = bench.out / f"profile-{name}.folded"
+    spy = profile.start(bench.settings.py_spy, gateway.procs[0].pid, duration, folded)
     time.sleep(0.3)  # let py-spy attach before the load starts
-    measure_load(
-        gateway, scenario, settings, split, settings.duration, connections, work, reports,
-        f"{name}-gateway-profile",
-    )  # fmt: skip
+    measure_load(bench, gateway, scenario, duration, connections, f"{name}-gateway-profile")
     try:
         _, err = spy.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -416,12 +444,14 @@ def profile_gateway(
     if not folded.exists():
         print(f"  py-spy wrote no profile: {err.decode(errors='replace')[-500:]}", flush=True)
         return
-    summary = settings.out / f"profile-{name}.txt"
+    summary = bench.out / f"profile-{name}.txt"
     summary.write_text(profile.summarise(folded))
     print(f"  {name:<16} gateway  profile: {summary}", flush=True)
 
 
-def run_idle_scenario(scenario: Scenario, proxies: list[ProxyUnderTest]) -> dict[str, Any]:
+def run_idle_scenario(
+    bench: Bench, scenario: Scenario, proxies: list[ProxyUnderTest]
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "name": scenario.name,
         "title": scenario.title,
@@ -468,30 +498,30 @@ def run_idle_scenario(scenario: Scenario, proxies: list[ProxyUnderTest]) -> dict
     return result
 
 
-def _start_proxies(
-    procs: Processes,
-    work: Path,
-    nginx_binary: str | None,
-    workers: int,
-    split: CpuSplit,
-    upstreams: dict[str, Upstream],
-    scenarios: list[Scenario],
-) -> list[ProxyUnderTest]:
-    started = [start_gateway(procs, work / "gateway", workers, split.proxy, upstreams, scenarios)]
-    if nginx_binary is not None:
-        started.append(
-            start_nginx_proxy(
-                procs, work / "nginx-proxy", nginx_binary, workers, split.proxy, upstreams,
-                scenarios,
-            )
-        )  # fmt: skip
-    return started
-
-
-def _stop_proxies(procs: Processes, proxies: list[ProxyUnderTest]) -> None:
-    for proxy in proxies:
-        for proc in proxy.procs:
-            procs.stop(proc)
+def run_scenario(bench: Bench, scenario: Scenario) -> dict[str, Any]:
+    print(f"{scenario.name}: {scenario.title}", flush=True)
+    proxies = start_proxies(bench, bench.work / scenario.name, 1, [scenario])
+    try:
+        if scenario.kind == "idle":
+            return run_idle_scenario(bench, scenario, proxies)
+        result = run_load_scenario(bench, scenario, proxies)
+    finally:
+        stop_proxies(bench, proxies)
+    noisy = [
+        f"{proxy} {median['foreign_util']:.0%} of the proxy's CPU, "
+        f"{median.get('load_foreign_util', 0):.0%} of the load CPUs"
+        for proxy, median in result["median"].items()
+        if max(median["foreign_util"], median.get("load_foreign_util", 0)) > NOISE_LIMIT
+    ]
+    if noisy:
+        bench.notes.append(
+            f"{scenario.name}: other processes were busy during the runs ({'; '.join(noisy)}): "
+            "req/s and latency are understated; CPU µs/req counts the proxy's own time only"
+        )
+    errors = sum(s["errors"] for samples in result["runs"].values() for s in samples)
+    if errors:
+        bench.notes.append(f"{scenario.name}: {errors} errors (socket errors, timeouts, >= 400)")
+    return result
 
 
 def repin(upstreams: dict[str, Upstream], cpus: list[int]) -> None:
@@ -510,15 +540,60 @@ def repin(upstreams: dict[str, Upstream], cpus: list[int]) -> None:
                         pass
 
 
+def run_scaling(bench: Bench, max_workers: int, cpus: list[int]) -> dict[str, Any]:
+    scenario = BY_NAME[SCALING_SCENARIO]
+    points = []
+    for workers in range(1, max_workers + 1):
+        bench.split = CpuSplit.for_workers(cpus, workers)
+        split = bench.split
+        repin(bench.upstreams, split.load)
+        os.sched_setaffinity(0, split.load)
+        if split.shared and split.pinned:
+            bench.notes.append(
+                f"scaling, {workers} workers: more workers than CPUs left for the load "
+                "generator; load, upstream and proxy share CPUs (oversubscribed)"
+            )
+        print(
+            f"scaling: {workers} worker(s) on CPUs {split.proxy}, load on {split.load}", flush=True
+        )
+        proxies = start_proxies(bench, bench.work / f"scaling-{workers}", workers, [scenario])
+        try:
+            conns = (scenario.connections or bench.settings.connections) * workers
+            result = run_load_scenario(bench, scenario, proxies, conns, tag=f"-w{workers}")
+        finally:
+            stop_proxies(bench, proxies)
+        points.append(
+            {
+                "workers": workers,
+                "proxy_cpus": split.proxy,
+                "load_cpus": split.load,
+                "shared_cpus": split.shared,
+                "connections": conns,
+                "median": result["median"],
+                "ratio": result["ratio"],
+            }
+        )
+    return {
+        "scenario": scenario.name,
+        "method": (
+            "N gateway processes on one port (SO_REUSEPORT); this becomes `workers: N` once "
+            "the gateway has a supervisor. nginx: worker_processes N."
+        ),
+        "points": points,
+    }
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Measure the gateway side by side with nginx as a reverse proxy.",
     )
-    parser.add_argument("--quick", action="store_true", help="about a minute: short runs, 1 rep")
+    parser.add_argument("--quick", action="store_true", help="about half a minute: 2 s runs, 1 rep")
     parser.add_argument(
-        "--scenarios",
-        help=f"comma-separated, or 'none' (default: all of {', '.join(BY_NAME)})",
+        "--scenarios", help=f"comma-separated, or 'none' (default: all of {', '.join(BY_NAME)})"
     )
     parser.add_argument("--duration", type=int, help="seconds per measured run (default 5)")
     parser.add_argument("--repetitions", type=int, help="A B pairs per scenario (default 3)")
@@ -536,6 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure plain GET with 1..N workers (default N: CPUs minus one)",
     )
     parser.add_argument(
+        "--retry-noisy",
+        type=int,
+        metavar="N",
+        help="run an A B pair again, up to N times, when other processes used more than "
+        f"{NOISE_LIMIT:.0%} of the CPUs during it; the quietest is kept (default 1; --quick 0)",
+    )
+    parser.add_argument(
         "--loadgen", choices=["auto", "wrk", "locust"], default="auto", help="default: wrk"
     )
     parser.add_argument("--no-nginx", action="store_true", help="measure the gateway alone")
@@ -544,13 +626,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "asyncio"],
         default="auto",
         help="static stub upstream: nginx when installed (auto), or the asyncio one",
-    )
-    parser.add_argument(
-        "--retry-noisy",
-        type=int,
-        metavar="N",
-        help="run an A B pair again, up to N times, when other processes used more than "
-        f"{NOISE_LIMIT:.0%} of the proxy's CPU during it; the quietest is kept (default 1)",
     )
     parser.add_argument(
         "--profile",
@@ -570,16 +645,16 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    ok = False
+    keep = True  # the configs and logs, for a failed run
     try:
-        run(args, procs, work, sys.argv if argv is None else ["benchmarks", *argv])
-        ok = True
+        run(args, procs, work, sys.argv[1:] if argv is None else argv)
+        keep = False
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
-        ok = True  # nothing to debug: drop the temp files
+        keep = False
         return 130
     except SystemExit:
-        ok = True
+        keep = False
         raise
     except (RuntimeError, TimeoutError, ValueError, OSError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
@@ -587,10 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         signal.signal(signal.SIGTERM, previous)
-        if ok and not args.keep_temp:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
+        if keep or args.keep_temp:
             print(f"configs and logs kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
@@ -599,28 +674,24 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
     load_average = os.getloadavg()
     scenarios = [] if args.scenarios == "none" else select(args.scenarios)
     notes: list[str] = []
-
     loadgen_name, wrk_binary = _choose_loadgen(args.loadgen, notes)
     settings = Settings(
         duration=args.duration or (2 if args.quick else 5),
         repetitions=args.repetitions or (1 if args.quick else 3),
         warmup=args.warmup if args.warmup is not None else (0 if args.quick else 1),
         connections=args.connections,
+        retry_noisy=args.retry_noisy if args.retry_noisy is not None else (0 if args.quick else 1),
         loadgen=loadgen_name,
         wrk=wrk_binary,
-        retry_noisy=(
-            args.retry_noisy if args.retry_noisy is not None else (0 if args.quick else 1)
-        ),
         py_spy=_find_py_spy() if args.profile else None,
-        out=args.out,
     )
     nginx_binary = None if args.no_nginx else nginx.find_nginx()
-    if nginx_binary is None:
+    if args.no_nginx:
+        notes.append("--no-nginx: the gateway alone, no ratios")
+    elif nginx_binary is None:
         notes.append(
             "nginx not found (Debian: apt-get install nginx-light): no reference proxy, no "
             "ratios, and the static upstream is the asyncio one"
-            if not args.no_nginx
-            else "--no-nginx: the gateway alone, no ratios"
         )
 
     env = machine.describe(wrk_binary)  # before the harness pins itself below
@@ -629,70 +700,31 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
     if not split.pinned:
         notes.append("one CPU only: nothing pinned; proxy, load and upstream share it")
     os.sched_setaffinity(0, split.load)  # the harness itself stays off the proxy's CPU
-
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    reports = out / "locust"
-    scripts = work / "wrk"
-    scripts.mkdir()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(settings, split, procs, work, args.out, nginx_binary, notes=notes)
 
     scaling_n = None
     if args.workers_scaling is not None:
         scaling_n = args.workers_scaling or max(1, len(cpus) - 1)
-
     needed = {s.upstream for s in scenarios}
     if scaling_n:
         needed.add(BY_NAME[SCALING_SCENARIO].upstream)
-    starters: dict[str, Callable[[], Upstream]] = {
-        "static": lambda: start_static(
-            procs, work / "upstream", split.load, prefer_nginx=args.upstream != "asyncio"
-        ),
-        "llm": lambda: start_llm(procs, work / "llm", split.load),
-    }
-    upstreams = {name: starters[name]() for name in sorted(needed)}
-
-    print(_banner(env, settings, split, upstreams, nginx_binary), flush=True)
-
-    results: list[dict[str, Any]] = []
-    for scenario in scenarios:
-        print(f"{scenario.name}: {scenario.title}", flush=True)
-        proxies = _start_proxies(
-            procs, work / scenario.name, nginx_binary, 1, split, upstreams, [scenario]
-        )
-        try:
-            if scenario.kind == "idle":
-                results.append(run_idle_scenario(scenario, proxies))
-            else:
-                results.append(
-                    run_load_scenario(scenario, proxies, settings, split, scripts, reports)
-                )
-        finally:
-            _stop_proxies(procs, proxies)
-        noisy = [
-            f"{proxy} {median['foreign_util']:.0%}"
-            for proxy, median in results[-1].get("median", {}).items()
-            if median.get("foreign_util", 0) > NOISE_LIMIT
-        ]
-        if noisy:
-            notes.append(
-                f"{scenario.name}: other processes used the proxy's CPU during the runs "
-                f"({', '.join(noisy)}): req/s and latency are understated there; CPU µs/req "
-                "counts the proxy's own time only"
+    for name in sorted(needed):
+        if name == "llm":
+            bench.upstreams[name] = start_llm(procs, work / "llm", split.load)
+        else:
+            bench.upstreams[name] = start_static(
+                procs, work / "upstream", split.load, prefer_nginx=args.upstream != "asyncio"
             )
-        errors = sum(s["errors"] for runs in results[-1].get("runs", {}).values() for s in runs)
-        if errors:
-            notes.append(f"{scenario.name}: {errors} errors (socket errors, timeouts or >= 400)")
+    print(_banner(env, bench), flush=True)
 
-    scaling = None
-    if scaling_n:
-        scaling = run_scaling(
-            scaling_n, cpus, procs, work, nginx_binary, upstreams, settings, scripts, reports, notes
-        )
+    results = [run_scenario(bench, scenario) for scenario in scenarios]
+    scaling = run_scaling(bench, scaling_n, cpus) if scaling_n else None
 
     payload = {
         "schema": 1,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join(["python", "-m", "benchmarks", *argv[1:]]),
+        "command": shlex.join(["python", "-m", "benchmarks", *argv]),
         "quick": bool(args.quick),
         "machine": env,
         "setup": {
@@ -705,7 +737,7 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
             "proxy_cpus": split.proxy,
             "load_cpus": split.load,
             "pinned": split.pinned,
-            "upstreams": {name: up.kind for name, up in upstreams.items()},
+            "upstreams": {name: up.kind for name, up in bench.upstreams.items()},
             "reference_proxy": (
                 f"nginx {nginx.nginx_version(nginx_binary)}" if nginx_binary else None
             ),
@@ -718,69 +750,12 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
         "notes": notes,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    written = report.write_all(payload, out)
+    written = report.write_all(payload, args.out)
     print()
     print(report.text_table(payload))
     for note in notes:
         print(f"note: {note}")
     print(f"written: {', '.join(str(p) for p in written)} ({payload['elapsed_s']} s)")
-
-
-def run_scaling(
-    max_workers: int,
-    cpus: list[int],
-    procs: Processes,
-    work: Path,
-    nginx_binary: str | None,
-    upstreams: dict[str, Upstream],
-    settings: Settings,
-    scripts: Path,
-    reports: Path,
-    notes: list[str],
-) -> dict[str, Any]:
-    scenario = BY_NAME[SCALING_SCENARIO]
-    points = []
-    for workers in range(1, max_workers + 1):
-        split = CpuSplit.for_workers(cpus, workers)
-        repin(upstreams, split.load)
-        os.sched_setaffinity(0, split.load)
-        if split.shared and split.pinned:
-            notes.append(
-                f"scaling, {workers} workers: more workers than CPUs left for the load "
-                "generator; load, upstream and proxy share CPUs (oversubscribed)"
-            )
-        print(
-            f"scaling: {workers} worker(s) on CPUs {split.proxy}, load on {split.load}", flush=True
-        )
-        proxies = _start_proxies(
-            procs, work / f"scaling-{workers}", nginx_binary, workers, split, upstreams, [scenario]
-        )
-        try:
-            conns = (scenario.connections or settings.connections) * workers
-            result = run_load_scenario(
-                scenario, proxies, settings, split, scripts, reports, conns, tag=f"-w{workers}"
-            )
-        finally:
-            _stop_proxies(procs, proxies)
-        points.append(
-            {
-                "workers": workers,
-                "proxy_cpus": split.proxy,
-                "load_cpus": split.load,
-                "shared_cpus": split.shared,
-                "connections": conns,
-                "median": result["median"],
-                "ratio": result["ratio"],
-            }
-        )
-    return {
-        "scenario": scenario.name,
-        "method": (
-            "N gateway processes on one port (SO_REUSEPORT); switches to `workers: N` once "
-            "the gateway has a supervisor. nginx: worker_processes N."
-        ),
-        "points": points,
-    }
 
 
 def _find_py_spy() -> str:
@@ -812,22 +787,20 @@ def _choose_loadgen(choice: str, notes: list[str]) -> tuple[str, str | None]:
     return "locust", None
 
 
-def _banner(
-    env: dict[str, Any],
-    settings: Settings,
-    split: CpuSplit,
-    upstreams: dict[str, Upstream],
-    nginx_binary: str | None,
-) -> str:
-    lines = [
-        f"machine: {env['cpu_model']}, {env['cpus_available']} CPUs, "
-        f"{env['memory_mib']} MiB, {env['kernel']}, Python {env['python']}",
-        f"proxy CPUs {split.proxy}, load CPUs {split.load}"
-        + ("" if split.pinned else " (not pinned: one CPU)"),
-        f"load: {settings.loadgen}, {settings.duration}s x {settings.repetitions} reps per "
-        f"proxy, {settings.warmup}s warm-up",
-        "upstreams: " + ", ".join(f"{n}={u.kind}" for n, u in upstreams.items()),
-        "reference proxy: "
-        + (f"nginx {nginx.nginx_version(nginx_binary)}" if nginx_binary else "none"),
-    ]
-    return "\n".join(lines)
+def _banner(env: dict[str, Any], bench: Bench) -> str:
+    s, split = bench.settings, bench.split
+    nginx_text = (
+        f"nginx {nginx.nginx_version(bench.nginx_binary)}" if bench.nginx_binary else "none"
+    )
+    return "\n".join(
+        [
+            f"machine: {env['cpu_model']}, {env['cpus_available']} CPUs, "
+            f"{env['memory_mib']} MiB, {env['kernel']}, Python {env['python']}",
+            f"proxy CPUs {split.proxy}, load CPUs {split.load}"
+            + ("" if split.pinned else " (not pinned: one CPU)"),
+            f"load: {s.loadgen}, {s.duration}s x {s.repetitions} reps per proxy, "
+            f"{s.warmup}s warm-up",
+            "upstreams: " + ", ".join(f"{n}={u.kind}" for n, u in bench.upstreams.items()),
+            f"reference proxy: {nginx_text}",
+        ]
+    )

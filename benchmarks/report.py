@@ -14,10 +14,11 @@ SCALING_CHART = "scaling.png"
 
 _LOAD_COLUMNS = (
     "req/s", "p50 ms", "p99 ms", "CPU µs/req", "user µs", "sys µs", "CPU util", "others",
+    "others (load)",
 )  # fmt: skip
 _LOAD_KEYS = (
     "rps", "p50_ms", "p99_ms", "cpu_us_per_req", "user_us_per_req", "sys_us_per_req",
-    "cpu_util", "foreign_util",
+    "cpu_util", "foreign_util", "load_foreign_util",
 )  # fmt: skip
 
 
@@ -26,7 +27,7 @@ def _fmt(value: Any, key: str = "") -> str:
         return "-"
     if key == "rps":
         return f"{value:,.0f}"
-    if key in ("cpu_util", "foreign_util"):
+    if key in ("cpu_util", "foreign_util", "load_foreign_util"):
         return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
@@ -159,7 +160,8 @@ def markdown(payload: dict[str, Any], charts: list[str]) -> str:
         "requests, split into user (the proxy's own code) and sys (kernel: syscalls, TCP). "
         "CPU util: that CPU time / wall time / proxy CPUs (near 1.0: the proxy was "
         "the bottleneck). Others: share of the proxy's CPUs used by other processes in the "
-        "window (noise). Ratios are gateway / nginx.",
+        "window; others (load): the same on the load CPUs, beyond wrk, the upstream and the "
+        "harness (noise from a shared machine). Ratios are gateway / nginx.",
         "",
     ]
     load, idle = _rows(payload)
