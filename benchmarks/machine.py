@@ -38,19 +38,19 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
             check=True,
             timeout=5,
-            cwd=Path(__file__).resolve().parent,
+            cwd=Path(__file__).resolve().parent.parent,
         )
     except (subprocess.SubprocessError, OSError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip()
 
 
 def describe(wrk_binary: str | None) -> dict[str, Any]:
@@ -66,7 +66,9 @@ def describe(wrk_binary: str | None) -> dict[str, Any]:
         "cpu_governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
         "python": platform.python_version(),
         "gateway": gateway_version,
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "--short", "HEAD") or None,
+        # Uncommitted changes to the code under test: the commit alone does not describe it.
+        "git_dirty": bool(_git("status", "--porcelain", "--", "gateway", "plugins")),
         "nginx": nginx.nginx_version(nginx_binary) if nginx_binary else None,
         "wrk": loadgen.wrk_version(wrk_binary) if wrk_binary else None,
         "locust": loadgen.locust_version(),

@@ -142,7 +142,9 @@ def markdown(payload: dict[str, Any], charts: list[str]) -> str:
         "",
         f"- CPU: {m['cpu_model']}, {m['cpus_available']} CPUs available "
         f"({m['cpus_online']} online); memory {m['memory_mib']} MiB; {m['kernel']}",
-        f"- Python {m['python']}, gateway {m['gateway']} (commit {m['git_commit']}), "
+        f"- Python {m['python']}, gateway {m['gateway']} (commit {m['git_commit']}"
+        + (", with uncommitted changes" if m.get("git_dirty") else "")
+        + "), "
         f"nginx {m['nginx']}, wrk {m['wrk']}, Locust {m['locust']}",
         "",
         "## Setup",
