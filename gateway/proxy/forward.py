@@ -104,6 +104,8 @@ def request_head(
     parts = [ex.method, b" ", path]
     if ex.query:
         parts += (b"?", ex.query)
+    elif b"?" in ex.url:  # "/a?" stays "/a?": an empty query is still the client's
+        parts.append(b"?")
     parts.append(b" HTTP/1.1\r\n")
     xff: list[bytes] = []
     xfp = xfh = via = b""

@@ -254,3 +254,8 @@ def test_unknown_route_gets_json_404(upstream: UpstreamProcess, start_gateway) -
     assert err["code"] == "no_route" and err["status"] == 404
     assert err["request_id"] == resp.header("x-request-id")
     assert resp.header("content-type") == "application/json"
+
+
+def test_empty_query_is_forwarded_as_sent(gw: GatewayProcess) -> None:
+    assert request(gw.port, "GET", "/echo/q?").json()["target"] == "/echo/q?"
+    assert request(gw.port, "GET", "/echo/q").json()["target"] == "/echo/q"
