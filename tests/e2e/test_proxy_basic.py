@@ -13,8 +13,9 @@ from tests.support.procs import GatewayProcess, UpstreamProcess
 
 
 @pytest.fixture(scope="module")
-def gw(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory
-       ) -> Iterator[GatewayProcess]:
+def gw(
+    upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
     g = GatewayProcess(proxy_config(upstream.url), tmp_path_factory.mktemp("gw"))
     yield g
     g.stop()
@@ -51,9 +52,16 @@ def test_request_id_is_propagated_when_valid_and_replaced_when_not(gw: GatewayPr
 
 
 def test_spoofed_forwarding_headers_from_untrusted_peer_are_replaced(gw: GatewayProcess) -> None:
-    resp = request(gw.port, "GET", "/echo", headers=[
-        ("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-Proto", "https"),
-        ("X-Forwarded-Host", "evil.example")])
+    resp = request(
+        gw.port,
+        "GET",
+        "/echo",
+        headers=[
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "evil.example"),
+        ],
+    )
     headers = {n.lower(): v for n, v in resp.json()["headers"]}
     assert headers["x-forwarded-for"] == "127.0.0.1"
     assert headers["x-forwarded-proto"] == "http"
@@ -61,10 +69,20 @@ def test_spoofed_forwarding_headers_from_untrusted_peer_are_replaced(gw: Gateway
 
 
 def test_hop_by_hop_request_headers_are_dropped(gw: GatewayProcess) -> None:
-    resp = request(gw.port, "GET", "/echo", headers=[
-        ("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "1"), ("Keep-Alive", "300"),
-        ("TE", "trailers"), ("Proxy-Authorization", "Basic eA=="), ("Upgrade-Insecure-Requests", "1"),
-        ("X-Custom", "Kept")])
+    resp = request(
+        gw.port,
+        "GET",
+        "/echo",
+        headers=[
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "300"),
+            ("TE", "trailers"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("Upgrade-Insecure-Requests", "1"),
+            ("X-Custom", "Kept"),
+        ],
+    )
     names = [n.lower() for n, _ in resp.json()["headers"]]
     for dropped in ("connection", "x-secret-hop", "keep-alive", "te", "proxy-authorization"):
         assert dropped not in names
@@ -72,8 +90,9 @@ def test_hop_by_hop_request_headers_are_dropped(gw: GatewayProcess) -> None:
 
 
 def test_header_order_and_case_are_preserved(gw: GatewayProcess) -> None:
-    resp = request(gw.port, "GET", "/echo", headers=[("X-First", "1"), ("x-SECOND", "2"),
-                                                      ("X-Third", "3")])
+    resp = request(
+        gw.port, "GET", "/echo", headers=[("X-First", "1"), ("x-SECOND", "2"), ("X-Third", "3")]
+    )
     names = [n for n, _ in resp.json()["headers"]]
     assert names.index("X-First") < names.index("x-SECOND") < names.index("X-Third")
 
@@ -97,8 +116,10 @@ def test_post_with_content_length_body(gw: GatewayProcess) -> None:
 
 
 def test_chunked_request_body_is_forwarded_chunked(gw: GatewayProcess) -> None:
-    raw = (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    raw = (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
     with Conn(gw.port) as c:
         c.send(raw)
         resp = c.read_response()
@@ -109,8 +130,9 @@ def test_chunked_request_body_is_forwarded_chunked(gw: GatewayProcess) -> None:
     assert "content-length" not in headers
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(gw: GatewayProcess,
-                                                          upstream: UpstreamProcess) -> None:
+def test_keep_alive_serves_many_requests_on_one_connection(
+    gw: GatewayProcess, upstream: UpstreamProcess
+) -> None:
     with Conn(gw.port) as c:
         for i in range(20):
             resp = c.request("GET", f"/echo/{i}")
@@ -128,20 +150,26 @@ def test_upstream_connections_are_reused(gw: GatewayProcess, upstream: UpstreamP
 
 
 def test_pipelined_requests_are_answered_in_order(gw: GatewayProcess) -> None:
-    reqs = b"".join(
-        b"GET /echo/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(10)
-    ) + b"GET /echo/last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    reqs = (
+        b"".join(b"GET /echo/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(10))
+        + b"GET /echo/last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
     data = raw_exchange(gw.port, reqs)
     responses = parse_responses(data)
     assert [r.json()["target"] for r in responses] == [f"/echo/{i}" for i in range(10)] + [
-        "/echo/last"]
+        "/echo/last"
+    ]
 
 
 def test_pipelined_requests_with_bodies(gw: GatewayProcess) -> None:
-    reqs = b"".join(
-        b"POST /echo/%d HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
-        % (i, 1000 * i, b"b" * (1000 * i)) for i in range(1, 6)
-    ) + b"GET /echo/end HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    reqs = (
+        b"".join(
+            b"POST /echo/%d HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+            % (i, 1000 * i, b"b" * (1000 * i))
+            for i in range(1, 6)
+        )
+        + b"GET /echo/end HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
     responses = parse_responses(raw_exchange(gw.port, reqs))
     assert [r.json()["body_len"] for r in responses] == [1000, 2000, 3000, 4000, 5000, 0]
 

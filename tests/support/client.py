@@ -45,9 +45,15 @@ class Conn:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
-                body: bytes = b"", host: str = "test.local") -> Response:
-        hdrs = [("host", host)] + list(headers or [])
+    def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        host: str = "test.local",
+    ) -> Response:
+        hdrs = [("host", host), *(headers or [])]
         if body and not any(n.lower() in ("content-length", "transfer-encoding") for n, _ in hdrs):
             hdrs.append(("content-length", str(len(body))))
         self.h11.send(h11.Request(method=method, target=target, headers=hdrs))
@@ -108,8 +114,15 @@ class Conn:
         self.close()
 
 
-def request(port: int, method: str, target: str, headers: list[tuple[str, str]] | None = None,
-            body: bytes = b"", host: str = "test.local", timeout: float = 10.0) -> Response:
+def request(
+    port: int,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    host: str = "test.local",
+    timeout: float = 10.0,
+) -> Response:
     with Conn(port, timeout) as c:
         return c.request(method, target, headers, body, host)
 

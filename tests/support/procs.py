@@ -23,8 +23,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None,
-                  timeout: float = 15.0) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -51,7 +52,10 @@ class UpstreamProcess:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.upstream_server", str(self.port)],
-            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, self.proc)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -86,8 +90,14 @@ class UpstreamProcess:
 class GatewayProcess:
     """``python -m gateway run -c <config>`` with logs captured to a file."""
 
-    def __init__(self, config: dict[str, Any] | str, tmp: Path, port: int | None = None,
-                 extra_env: dict[str, str] | None = None, wait: bool = True) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any] | str,
+        tmp: Path,
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
         self.port = port or free_port()
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
@@ -105,7 +115,10 @@ class GatewayProcess:
         env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
         if wait:
@@ -149,9 +162,16 @@ class GatewayProcess:
         return int(self.proc.returncode)
 
 
-def run_cli(*args: str, timeout: float = 30, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = _env()
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

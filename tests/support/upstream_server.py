@@ -74,9 +74,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 if event is h11.NEED_DATA:
                     data = await reader.read(256 * 1024)
                     conn.receive_data(data)
-                    if not data and conn.their_state is not h11.DONE:
-                        if request is None:
-                            return
+                    if not data and conn.their_state is not h11.DONE and request is None:
+                        return
                     continue
                 if isinstance(event, h11.Request):
                     request = event
@@ -94,8 +93,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 "method": request.method.decode(),
                 "target": target,
                 "http_version": request.http_version.decode(),
-                "headers": [[n.decode("latin-1"), v.decode("latin-1")]
-                            for n, v in request.headers.raw_items()],
+                "headers": [
+                    [n.decode("latin-1"), v.decode("latin-1")]
+                    for n, v in request.headers.raw_items()
+                ],
                 "body_len": body_len,
                 "body_sha256": digest.hexdigest(),
                 "body": kept.decode("latin-1"),
@@ -103,8 +104,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             parts = urlsplit(target)
             if parts.path not in ("/__received", "/__reset"):
                 RECEIVED.append(record)
-            keep_going = await respond(writer, conn, request, parts.path,
-                                       parse_qs(parts.query), record)
+            keep_going = await respond(
+                writer, conn, request, parts.path, parse_qs(parts.query), record
+            )
             if not keep_going or conn.our_state is h11.MUST_CLOSE:
                 break
             try:
@@ -118,8 +120,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             writer.close()
 
 
-async def respond(writer: asyncio.StreamWriter, conn: h11.Connection, request: h11.Request,
-                  path: str, query: dict[str, list[str]], record: dict[str, Any]) -> bool:
+async def respond(
+    writer: asyncio.StreamWriter,
+    conn: h11.Connection,
+    request: h11.Request,
+    path: str,
+    query: dict[str, list[str]],
+    record: dict[str, Any],
+) -> bool:
     head = request.method == b"HEAD"
     if path == "/__received":
         body = json.dumps({"requests": RECEIVED, "connections": CONNECTIONS["count"]}).encode()
@@ -141,13 +149,24 @@ async def respond(writer: asyncio.StreamWriter, conn: h11.Connection, request: h
         size = int(_q(query, "size", 10))
         delay = _q(query, "delay", 0)
         ctype = b"text/event-stream" if events else b"application/octet-stream"
-        await _send(writer, conn, h11.Response(status_code=200, headers=[
-            (b"content-type", ctype), (b"transfer-encoding", b"chunked")]))
+        await _send(
+            writer,
+            conn,
+            h11.Response(
+                status_code=200,
+                headers=[(b"content-type", ctype), (b"transfer-encoding", b"chunked")],
+            ),
+        )
         for i in range(chunks):
             if delay:
                 await asyncio.sleep(delay)
-            piece = (f"data: event {i}\n\n".encode() if events
-                     else PATTERN[i % 256: i % 256 + size] if size <= 65280 else b"x" * size)
+            piece = (
+                f"data: event {i}\n\n".encode()
+                if events
+                else PATTERN[i % 256 : i % 256 + size]
+                if size <= 65280
+                else b"x" * size
+            )
             if not head:
                 await _send(writer, conn, h11.Data(data=piece))
         await _send(writer, conn, h11.EndOfMessage())
@@ -156,8 +175,13 @@ async def respond(writer: asyncio.StreamWriter, conn: h11.Connection, request: h
         chunks = int(_q(query, "chunks", 5))
         size = int(_q(query, "size", 10))
         delay = _q(query, "delay", 0.05)
-        await _send(writer, conn, h11.Response(status_code=200, headers=[
-            (b"content-length", str(chunks * size).encode())]))
+        await _send(
+            writer,
+            conn,
+            h11.Response(
+                status_code=200, headers=[(b"content-length", str(chunks * size).encode())]
+            ),
+        )
         for _ in range(chunks):
             await asyncio.sleep(delay)
             if not head:
@@ -166,9 +190,17 @@ async def respond(writer: asyncio.StreamWriter, conn: h11.Connection, request: h
         return True
     if path == "/download":
         size = int(_q(query, "size", 1024 * 1024))
-        await _send(writer, conn, h11.Response(status_code=200, headers=[
-            (b"content-type", b"application/octet-stream"),
-            (b"content-length", str(size).encode())]))
+        await _send(
+            writer,
+            conn,
+            h11.Response(
+                status_code=200,
+                headers=[
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", str(size).encode()),
+                ],
+            ),
+        )
         if not head:
             sent = 0
             while sent < size:
@@ -192,13 +224,17 @@ async def respond(writer: asyncio.StreamWriter, conn: h11.Connection, request: h
         writer.close()
         return False
     if path == "/trailers":
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n"
-                     b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\n\r\n"
+        )
         await writer.drain()
         return False  # raw responses bypass h11's state: the connection ends after them
     if path == "/interim":
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
-                     b"link: </style.css>; rel=preload\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+            b"link: </style.css>; rel=preload\r\n\r\n"
+        )
         await writer.drain()
         await asyncio.sleep(0.05)
         body = b"final answer"
@@ -207,9 +243,11 @@ async def respond(writer: asyncio.StreamWriter, conn: h11.Connection, request: h
         return False
     if path == "/hop":
         body = b"hop test"
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: x-private\r\n"
-                     b"x-private: secret\r\nkeep-alive: timeout=5\r\nproxy-authenticate: Basic\r\n"
-                     b"x-kept: yes\r\nvia: 1.1 upstream-proxy\r\n\r\n%s" % (len(body), body))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: x-private\r\n"
+            b"x-private: secret\r\nkeep-alive: timeout=5\r\nproxy-authenticate: Basic\r\n"
+            b"x-kept: yes\r\nvia: 1.1 upstream-proxy\r\n\r\n%s" % (len(body), body)
+        )
         await writer.drain()
         return False
     if path == "/reset":
@@ -247,8 +285,14 @@ async def respond(writer: asyncio.StreamWriter, conn: h11.Connection, request: h
     return True
 
 
-async def _simple(writer: asyncio.StreamWriter, conn: h11.Connection, status: int, body: bytes,
-                  head: bool, content_type: bytes = b"text/plain") -> None:
+async def _simple(
+    writer: asyncio.StreamWriter,
+    conn: h11.Connection,
+    status: int,
+    body: bytes,
+    head: bool,
+    content_type: bytes = b"text/plain",
+) -> None:
     headers = [(b"content-type", content_type)]
     if status not in (204, 304) and status >= 200:
         headers.append((b"content-length", str(len(body)).encode()))
