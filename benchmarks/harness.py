@@ -111,6 +111,7 @@ class Bench:
     work: Path  # temporary: configs, logs, wrk scripts
     out: Path  # results
     nginx_binary: str | None
+    git_commit: str | None = None
     upstreams: dict[str, Upstream] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -445,7 +446,11 @@ def profile_gateway(
         print(f"  py-spy wrote no profile: {err.decode(errors='replace')[-500:]}", flush=True)
         return
     summary = bench.out / f"profile-{name}.txt"
-    summary.write_text(profile.summarise(folded))
+    header = (
+        f"py-spy, gateway, scenario {name}, {duration} s at {connections} connections, "
+        f"commit {bench.git_commit}"
+    )
+    summary.write_text(profile.summarise(folded, header))
     print(f"  {name:<16} gateway  profile: {summary}", flush=True)
 
 
@@ -701,7 +706,9 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
         notes.append("one CPU only: nothing pinned; proxy, load and upstream share it")
     os.sched_setaffinity(0, split.load)  # the harness itself stays off the proxy's CPU
     args.out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(settings, split, procs, work, args.out, nginx_binary, notes=notes)
+    bench = Bench(
+        settings, split, procs, work, args.out, nginx_binary, env["git_commit"], notes=notes
+    )
 
     scaling_n = None
     if args.workers_scaling is not None:

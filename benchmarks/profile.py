@@ -31,7 +31,7 @@ def start(binary: str, pid: int, duration: int, folded: Path) -> subprocess.Pope
     )  # fmt: skip
 
 
-def summarise(folded: Path, top: int = 30) -> str:
+def summarise(folded: Path, header: str = "", top: int = 30) -> str:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -47,7 +47,8 @@ def summarise(folded: Path, top: int = 30) -> str:
             inclusive[frame] += n
     if not total:
         return "no samples\n"
-    lines = [f"{total} samples", "", "self time (the line itself, including C calls it makes):"]
+    lines = [header] if header else []
+    lines += [f"{total} samples", "", "self time (the line itself, including C calls it makes):"]
     lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in own.most_common(top)]
     lines += ["", "inclusive time:"]
     lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in inclusive.most_common(top)]
