@@ -5,11 +5,25 @@ Each test plays one exact event sequence on ``ClientConnection`` / ``UpstreamCon
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.test_flow_control import GET, FakeTransport, Harness
+import gateway.proxy.protocol as protocol_mod
+from gateway.plugin import Plugin, PluginConfig, Reply
+from gateway.proxy.chain import Chain
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.protocol import BODY_BUFFER_HIGH
+from gateway.upstream.connection import UpstreamConnection
+from gateway.upstream.target import Target
+from tests.unit.test_flow_control import (
+    GET,
+    FakeTransport,
+    Harness,
+    _connected,
+    _settle,
+)
 
 
 @pytest.fixture
@@ -17,6 +31,20 @@ def h() -> Iterator[Harness]:
     harness = Harness()
     yield harness
     harness.client.connection_lost(None)
+
+
+@pytest.fixture
+def pending_connect(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.Future[UpstreamConnection]]:
+    """Connecting waits on a future the test resolves."""
+    pending: list[asyncio.Future[UpstreamConnection]] = []
+
+    async def connect(target: Target, limit: float) -> UpstreamConnection:
+        fut: asyncio.Future[UpstreamConnection] = asyncio.get_running_loop().create_future()
+        pending.append(fut)
+        return await fut
+
+    monkeypatch.setattr(protocol_mod, "connect", connect)
+    return pending
 
 
 HEAD = b"HEAD /up/h HTTP/1.1\r\nhost: t\r\n\r\n"
@@ -112,3 +140,69 @@ async def test_a_lingering_close_the_client_never_reads_is_aborted(h: Harness) -
     _close_stuck(h, h.ct)
     h.client.check_timeouts(t1 + limits.send_timeout + 1)
     assert h.ct.aborted
+
+
+async def test_body_timeout_does_not_blame_a_client_the_gateway_stopped_reading(
+    h: Harness,
+) -> None:
+    # A pipelined upload waits behind a long response (an SSE stream); reading paused at the
+    # buffer watermark is the gateway's doing, not a client pausing mid-body.
+    up, _ = h.pooled_upstream()
+    h.feed(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    h.feed(b"POST /up/b HTTP/1.1\r\nhost: t\r\ncontent-length: 200000\r\n\r\n")
+    h.feed(b"x" * (BODY_BUFFER_HIGH + 1))
+    assert not h.ct.reading
+    limits = h.client.limits
+    later = h.state.now + limits.body_timeout + 5
+    up.last_read = h.state.now = later  # the stream is alive
+    h.client.check_timeouts(later)
+    queued = h.client.pipeline[0]
+    assert queued.pending_error == ""
+    up.data_received(b"0\r\n\r\n")  # A ends; B starts and reading resumes
+    assert h.ct.reading
+    h.client.check_timeouts(later + 1)
+    assert h.client.active is queued and queued.pending_error == ""
+
+
+async def test_retry_after_a_stale_pooled_connection_uses_a_fresh_one(
+    h: Harness, pending_connect: list[asyncio.Future[UpstreamConnection]]
+) -> None:
+    # The upstream restarted: every pooled connection is dead, their FINs not yet read. The
+    # one retry must go to a new connection, not to the next dead one in the pool.
+    older, _ = h.pooled_upstream()
+    newer, _ = h.pooled_upstream()
+    older.requests = newer.requests = 1  # both served a request before
+    h.feed(GET)
+    assert newer.exchange is not None
+    newer.connection_lost(None)  # closed as the request went out: retryable
+    await _settle()
+    assert older.exchange is None, "the retry took another pooled connection"
+    assert len(pending_connect) == 1
+    fresh, ft = _connected(h)
+    pending_connect[0].set_result(fresh)
+    await _settle()
+    assert ft.take().startswith(b"GET /up/a HTTP/1.1\r\n")
+    fresh.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    assert h.ct.take().endswith(b"\r\n\r\nok")
+
+
+class _BadReplyPlugin(Plugin):
+    """An async plugin whose Reply cannot be serialised (str header values): a plugin bug."""
+
+    name = "bad_reply"
+
+    async def on_request(self, ex: Exchange) -> Reply | None:
+        await asyncio.sleep(0)
+        return Reply(403, b"no", headers=[(b"x-why", "str, not bytes")])  # type: ignore[list-item]
+
+
+async def test_a_plugin_bug_after_an_async_hook_does_not_hang_the_client(h: Harness) -> None:
+    # In the sync path such an exception surfaces from the parser callback and the connection
+    # is dropped; in a task it vanished ("exception never retrieved") and the client waited
+    # forever: no timeout covers an exchange with no upstream.
+    route = h.state.runtime.router.routes[0]
+    route.chain = Chain([_BadReplyPlugin(PluginConfig())])
+    h.feed(GET)
+    await _settle()
+    assert h.ct.aborted or h.ct.closing or h.ct.data.startswith(b"HTTP/1.1 500 ")
