@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from gateway.http.errors import error_body
-from gateway.http.headers import Headers, connection_tokens, is_chunked_only, valid_request_id
+from gateway.http.headers import (
+    HOP_BY_HOP,
+    Headers,
+    connection_tokens,
+    is_chunked_only,
+    valid_request_id,
+)
 from gateway.http.status import has_no_body
 from gateway.http.target import needs_normalising, normalise_path, split_target
 from gateway.plugin import Reply
@@ -78,6 +84,8 @@ _SPECIAL = {
     b"expect": _EXPECT,
     b"x-forwarded-for": _XFF,
 }
+#: Connection options that name no header the forwarding does not drop anyway.
+_PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _RETRYABLE = frozenset({"upstream_reset"})
 
@@ -279,6 +287,8 @@ class ClientConnection(asyncio.Protocol):
             self._paused &= ~reason
             if not self._paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+                # Time spent paused was the gateway's: the body timer counts from here.
+                self._body_since = self.server.now
 
     def _stop_reading(self) -> None:
         self._pause(PAUSE_STOPPED)
@@ -418,6 +428,14 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject("expectation_failed")
             # No body, nothing to wait for: a 100 would only precede the final response.
             ex.expect_continue = not ex.http10 and ex.body_kind != BODY_NONE
+        tokens = self._conn_tokens
+        if tokens is not None and not tokens <= _PLAIN_OPTIONS:
+            # RFC 9110 7.6.1: the fields Connection names belong to this hop. They go now,
+            # before routing and plugins: removed when forwarding, they would take with them a
+            # header a plugin set (an identity), so a client could strip it by naming it.
+            # Those the gateway writes itself (Host, X-Forwarded-*, ...) are its own business.
+            own = self.runtime.forwarding.request_own
+            ex.headers.items = [h for h in ex.headers.items if h[0] not in tokens or h[0] in own]
         route = self.runtime.router.match(host, path, ex.method, ex.headers.items)
         ex.route = route
         max_body = self.limits.max_body_size
@@ -428,7 +446,6 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject("payload_too_large")
         if self._xff is not None and self.trusted_peer:
             ex.client_ip = self.runtime.forwarding.client_ip(self.peer_ip, self._xff)
-        ex.conn_tokens = self._conn_tokens
         if self.active is None:
             self.active = ex
             self._start(ex)
@@ -501,10 +518,20 @@ class ClientConnection(asyncio.Protocol):
         ex.task = None
         if ex.done or self.closed:
             return
-        if reply is not None:
-            self.send_reply(ex, reply)
-        else:
-            self._forward(ex)
+        try:
+            if reply is not None:
+                self.send_reply(ex, reply)
+            else:
+                self._forward(ex)
+        except Exception:
+            self._task_failed(ex)
+
+    def _task_failed(self, ex: Exchange) -> None:
+        """A bug (say, a plugin's Reply or header that cannot be serialised) raised in a task,
+        where nobody would see it and the client would wait for ever: drop the connection,
+        as the same failure in a parser callback does."""
+        log.exception("internal error", extra={"request_id": ex.request_id})
+        self._abort(ex)
 
     def _forward(self, ex: Exchange) -> None:
         assert ex.route is not None
@@ -536,7 +563,10 @@ class ClientConnection(asyncio.Protocol):
         if ex.done or self.closed:
             conn.close()
             return
-        self._attach(ex, conn)
+        try:
+            self._attach(ex, conn)
+        except Exception:
+            self._task_failed(ex)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         assert ex.route is not None and ex.upstream_target is not None
@@ -712,7 +742,11 @@ class ClientConnection(asyncio.Protocol):
                 and ex.content_length == 0
             ):
                 ex.retries += 1
-                self._forward(ex)
+                # On a new connection: the pool's other idle ones likely died the same way.
+                assert ex.route is not None
+                target = ex.route.upstream.pick()
+                ex.upstream_target = target
+                ex.task = asyncio.get_running_loop().create_task(self._connect(ex, target))
                 return
         if ex.response_started:
             log.warning(
@@ -878,7 +912,15 @@ class ClientConnection(asyncio.Protocol):
             self._paused = PAUSE_STOPPED
             transport.resume_reading()
         else:
-            transport.close()
+            self._close_now(self.server.now)
+
+    def _close_now(self, now: float) -> None:
+        """Close; ``close()`` waits for the write buffer to drain, so a client that reads
+        nothing would hold the socket (and a ``max_connections`` slot) forever: the sweep
+        aborts a close still pending after ``send_timeout``."""
+        assert self.transport is not None
+        self.transport.close()
+        self.linger_until = now + self.limits.send_timeout
 
     # -- the server's periodic sweep --------------------------------------------------------
     def check_timeouts(self, now: float) -> None:
@@ -886,14 +928,17 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.linger_until:
             if now >= self.linger_until:
-                self.transport.close()
+                if self.transport.is_closing():
+                    self.transport.abort()
+                else:
+                    self._close_now(now)
             return
         limits = self.limits
         ex = self.active
         if ex is None and self.parsing is None:
             idle = limits.idle_timeout if self.requests else limits.header_timeout
             if now - self.idle_since > idle:
-                self.transport.close()
+                self._close_now(now)
             return
         if self._headers_since and now - self._headers_since > limits.header_timeout:
             self._headers_since = 0.0
@@ -904,6 +949,7 @@ class ClientConnection(asyncio.Protocol):
             parsing is not None
             and not self._headers_since
             and not parsing.request_complete
+            and not self._paused  # the gateway stopped reading, not the client
             and now - self._body_since > limits.body_timeout
         ):
             if parsing is self.active and parsing.response_started:

@@ -14,7 +14,10 @@ connection in an unknown state is never reused.
 
 httptools cannot be told that a response answers a HEAD request (it would wait for the
 Content-Length bytes), so a HEAD exchange ends at the response head and the parser is
-replaced before the connection is reused.
+replaced before the connection is reused. The old parser still runs to the end of the bytes
+being fed and may report the HEAD response complete (``Content-Length: 0``) after a pipelined
+exchange has already taken the connection: once an exchange has ended, the rest of that feed
+(``_spent``) must bring nothing, and anything it does bring closes the connection.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_in_body",
         "_interim",
         "_parser",
+        "_spent",
         "connection_value",
         "exchange",
         "framing",
@@ -70,6 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.length_value: bytes | None = None
         self.connection_value: bytes | None = None
         self._chunked = False
+        self._spent = False
         self.response_started = False
         self.requests = 0
         self.idle_since = 0.0
@@ -105,6 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             if self.exchange is not None:
                 self._fail("upstream_bad_response")
+        self._spent = False
         if client.held is not None:
             client.flush_held()
 
@@ -123,6 +129,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._spent:
+            self._extra_bytes()
+            return
         self._headers = []
         self._in_body = False
         self.length_value = None
@@ -170,6 +179,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish(ex, keep)
 
     def on_body(self, body: bytes) -> None:
+        if self._spent:
+            self._extra_bytes()
+            return
         ex = self.exchange
         if ex is not None:
             ex.conn.upstream_body(ex, body)
@@ -178,6 +190,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
+        if self._spent:
+            return  # the stale parser ending a HEAD response that already ended
         ex = self.exchange
         if ex is not None:
             self._finish(ex, self._parser.should_keep_alive())
@@ -244,7 +258,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish(self, ex: Exchange, keep_alive: bool) -> None:
         self.exchange = None
+        self._spent = True
         ex.conn.upstream_done(ex, self, reusable=keep_alive and self.framing != FRAMING_CLOSE)
+
+    def _extra_bytes(self) -> None:
+        """The upstream sent more than its response: the connection's state is unknown. An
+        exchange that took it meanwhile (a pipelined request) fails instead of reading them."""
+        self._spent = False
+        self._fail("upstream_bad_response")
 
     def _fail(self, code: str) -> None:
         ex = self.exchange
