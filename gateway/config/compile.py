@@ -42,6 +42,7 @@ class Limits:
     body_timeout: float
     idle_timeout: float
     send_timeout: float
+    plugin_timeout: float
     max_connections: int
 
     @classmethod
@@ -55,6 +56,7 @@ class Limits:
             c.body_timeout,
             c.idle_timeout,
             c.send_timeout,
+            c.plugin_timeout,
             c.max_connections,
         )
 

@@ -95,6 +95,7 @@ class LimitsConfig(Strict):
     body_timeout: Duration = 60.0
     idle_timeout: Duration = 60.0
     send_timeout: Duration = 60.0
+    plugin_timeout: Duration = 10.0
     max_connections: int = Field(default=10_000, ge=1)
 
 

@@ -30,6 +30,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "too_many_connections": (503, "the gateway is at its connection limit"),
     "upstream_connect_timeout": (504, "timed out connecting to the upstream"),
     "upstream_timeout": (504, "the upstream did not respond in time"),
+    "plugin_timeout": (504, "the request plugins did not finish in time"),
 }
 
 

@@ -38,7 +38,6 @@ class Exchange:
         "bytes_out",
         "client_ip",
         "conn",
-        "conn_tokens",
         "content_length",
         "continue_sent",
         "discard_body",
@@ -87,7 +86,6 @@ class Exchange:
         self.request_id = ""
         self.route: Route | None = None
         self.client_ip = conn.client_ip
-        self.conn_tokens: frozenset[bytes] | None = None
         self.body_kind = BODY_NONE
         self.content_length = 0
         self.length_header: bytes | None = None  # the validated Content-Length, as sent on

@@ -99,8 +99,9 @@ def request_head(
     path: bytes,
     trusted_peer: bool,
     fwd: Forwarding,
-    conn_tokens: frozenset[bytes] | None,
 ) -> bytes:
+    """The request head for the upstream. Headers the client listed in ``Connection`` were
+    already removed when the request was read (before plugins ran)."""
     parts = [ex.method, b" ", path]
     if ex.query:
         parts += (b"?", ex.query)
@@ -120,8 +121,6 @@ def request_head(
                 xfh = value
             elif lname == b"via":
                 via = value if not via else via + b", " + value
-            continue
-        if conn_tokens is not None and lname in conn_tokens:
             continue
         parts += (raw, b": ", value, b"\r\n")
     route = ex.route

@@ -577,7 +577,6 @@ class ClientConnection(asyncio.Protocol):
             ex.route.upstream_path(ex.path),
             self.trusted_peer,
             self.runtime.forwarding,
-            ex.conn_tokens,
         )
         buf = ex.body_buf
         if buf is not None:
@@ -972,6 +971,16 @@ class ClientConnection(asyncio.Protocol):
             and now - up.last_read > route.upstream.timeouts.read
         ):
             self.upstream_failed(ex, "upstream_timeout", up)
+        elif (
+            up is None
+            and ex.task is not None
+            and ex.upstream_target is None  # still in the request plugins, not connecting
+            and now - ex.start_time > limits.plugin_timeout
+        ):
+            log.warning(
+                "request plugins did not finish in time", extra={"request_id": ex.request_id}
+            )
+            self.send_reply(ex, Reply.error("plugin_timeout"))
 
 
 def _parser_reason(exc: Exception) -> str:

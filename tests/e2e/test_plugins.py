@@ -356,6 +356,7 @@ class Mark(Plugin):
 class AsyncConfig(PluginConfig):
     reply_when: str = ""
     raise_when: str = ""
+    hang_when: str = ""
 
 
 class AsyncWork(Plugin):
@@ -367,6 +368,8 @@ class AsyncWork(Plugin):
     async def on_request(self, ex):
         await asyncio.sleep(0.001)
         value = await asyncio.get_running_loop().run_in_executor(None, lambda: "from-thread")
+        if self.config.hang_when and ex.headers.get(self.config.hang_when.encode()):
+            await asyncio.sleep(3600)  # a plugin awaiting something that never answers
         if self.config.reply_when and ex.headers.get(self.config.reply_when.encode()):
             return Reply(202, b"answered after await", content_type=b"text/plain")
         if self.config.raise_when and ex.headers.get(self.config.raise_when.encode()):
@@ -943,3 +946,19 @@ def test_start_and_stop_run_once_per_worker(
         {"event": "start"},
         {"event": "stop", "ticking": True},
     ]
+
+
+def test_async_plugin_that_never_finishes_gets_plugin_timeout(
+    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess], plugin_pkg: Path
+) -> None:
+    config = {
+        "upstreams": {"backend": {"targets": [{"url": upstream.url}]}},
+        "routes": [_tp_route("slow", [{"tp_async": {"hang_when": "x-hang"}}])],
+        "limits": {"plugin_timeout": "1s"},
+    }
+    g = start_gateway(config, extra_env=plugin_env(plugin_pkg))
+    resp = request(g.port, "GET", "/slow/echo", headers=[("x-hang", "1")])
+    assert resp.status == 504
+    assert resp.json()["error"]["code"] == "plugin_timeout"
+    assert request(g.port, "GET", "/slow/echo").status == 200  # a request that does not hang
+    assert g.alive()
