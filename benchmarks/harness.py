@@ -339,7 +339,12 @@ def _own_and_children_cpu() -> float:
     return total
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, float]]:
+def summarise(
+    runs: dict[str, list[dict[str, Any]]],
+) -> tuple[dict[str, Any], dict[str, float], dict[str, list[float]]]:
+    """Medians per proxy; ratios gateway/nginx, each the median of the per-pair ratios (a
+    gateway run against the nginx run right after it, so drift between pairs cancels); and
+    the range of those pair ratios."""
     median: dict[str, dict[str, float]] = {}
     for proxy, samples in runs.items():
         median[proxy] = {}
@@ -348,12 +353,18 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], di
             if values:
                 median[proxy][key] = round(statistics.median(values), 3)
     ratio: dict[str, float] = {}
-    if "gateway" in median and "nginx" in median:
+    ratio_range: dict[str, list[float]] = {}
+    if "gateway" in runs and "nginx" in runs:
         for key in RATIO_KEYS:
-            g, n = median["gateway"].get(key), median["nginx"].get(key)
-            if g is not None and n:
-                ratio[key] = round(g / n, 3)
-    return median, ratio
+            pairs = [
+                g[key] / n[key]
+                for g, n in zip(runs["gateway"], runs["nginx"], strict=True)
+                if g.get(key) is not None and n.get(key)
+            ]
+            if pairs:
+                ratio[key] = round(statistics.median(pairs), 3)
+                ratio_range[key] = [round(min(pairs), 3), round(max(pairs), 3)]
+    return median, ratio, ratio_range
 
 
 def _noise(sample: dict[str, Any]) -> float:
@@ -410,7 +421,7 @@ def run_load_scenario(
             runs[proxy_name].append(sample)
     if settings.py_spy is not None:
         profile_gateway(bench, proxies[0], scenario, conns, name)
-    median, ratio = summarise(runs)
+    median, ratio, ratio_range = summarise(runs)
     return {
         "name": scenario.name,
         "title": scenario.title,
@@ -423,6 +434,7 @@ def run_load_scenario(
         "noisy_pairs_rerun": rerun,
         "median": median,
         "ratio": ratio,
+        "ratio_range": ratio_range,
     }
 
 
@@ -576,6 +588,7 @@ def run_scaling(bench: Bench, max_workers: int, cpus: list[int]) -> dict[str, An
                 "connections": conns,
                 "median": result["median"],
                 "ratio": result["ratio"],
+                "ratio_range": result["ratio_range"],
             }
         )
     return {
@@ -600,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scenarios", help=f"comma-separated, or 'none' (default: all of {', '.join(BY_NAME)})"
     )
-    parser.add_argument("--duration", type=int, help="seconds per measured run (default 5)")
-    parser.add_argument("--repetitions", type=int, help="A B pairs per scenario (default 3)")
+    parser.add_argument("--duration", type=int, help="seconds per measured run (default 3)")
+    parser.add_argument("--repetitions", type=int, help="A B pairs per scenario (default 5)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up per proxy (default 1)")
     parser.add_argument(
         "--connections", type=int, default=50, help="connections where a scenario sets none"
@@ -681,8 +694,8 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
     notes: list[str] = []
     loadgen_name, wrk_binary = _choose_loadgen(args.loadgen, notes)
     settings = Settings(
-        duration=args.duration or (2 if args.quick else 5),
-        repetitions=args.repetitions or (1 if args.quick else 3),
+        duration=args.duration or (2 if args.quick else 3),
+        repetitions=args.repetitions or (1 if args.quick else 5),
         warmup=args.warmup if args.warmup is not None else (0 if args.quick else 1),
         connections=args.connections,
         retry_noisy=args.retry_noisy if args.retry_noisy is not None else (0 if args.quick else 1),

@@ -50,6 +50,14 @@ def _rows(payload: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
                     [s["name"], "", "ratio g/n"]
                     + [f"{s['ratio'][k]:.2f}x" if k in s["ratio"] else "" for k in _LOAD_KEYS]
                 )
+                low, high = s["ratio_range"]["cpu_us_per_req"]
+                load.append(
+                    [s["name"], "", "pair range"]
+                    + [
+                        f"{low:.2f}-{high:.2f}x" if k == "cpu_us_per_req" else ""
+                        for k in _LOAD_KEYS
+                    ]
+                )
         else:
             for proxy, entry in s["proxies"].items():
                 idle.append(
@@ -88,10 +96,16 @@ _IDLE_HEAD = [
 def _scaling_rows(payload: dict[str, Any]) -> list[list[str]]:
     rows = []
     for point in (payload.get("scaling") or {}).get("points", []):
+        shared = "yes" if point["shared_cpus"] else "no"
         for proxy, median in point["median"].items():
             rows.append(
-                [str(point["workers"]), proxy, "yes" if point["shared_cpus"] else "no"]
+                [str(point["workers"]), proxy, shared]
                 + [_fmt(median.get(k), k) for k in _LOAD_KEYS]
+            )
+        if point["ratio"]:
+            rows.append(
+                [str(point["workers"]), "ratio g/n", shared]
+                + [f"{point['ratio'][k]:.2f}x" if k in point["ratio"] else "" for k in _LOAD_KEYS]
             )
     return rows
 
@@ -163,7 +177,9 @@ def markdown(payload: dict[str, Any], charts: list[str]) -> str:
         "CPU util: that CPU time / wall time / proxy CPUs (near 1.0: the proxy was "
         "the bottleneck). Others: share of the proxy's CPUs used by other processes in the "
         "window; others (load): the same on the load CPUs, beyond wrk, the upstream and the "
-        "harness (noise from a shared machine). Ratios are gateway / nginx.",
+        "harness (noise from a shared machine). Ratios are gateway / nginx: the median, over "
+        "the repetitions, of each gateway run against the nginx run right after it; pair "
+        "range: the lowest and highest of those ratios for CPU µs/req.",
         "",
     ]
     load, idle = _rows(payload)

@@ -99,6 +99,9 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
             if "nginx" in proxies:
                 for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req"):
                     _positive(result["ratio"][key], f"{scenario.name}.ratio.{key}")
+                low, high = result["ratio_range"]["cpu_us_per_req"]
+                _positive(low, f"{scenario.name}.ratio_range")
+                assert low <= result["ratio"]["cpu_us_per_req"] <= high
         else:
             assert sorted(result["proxies"]) == sorted(proxies)
             for proxy in proxies:
