@@ -232,7 +232,9 @@ def cpu_chart(payload: dict[str, Any], path: Path) -> bool:
         bars = ax.bar(names, values, color=[colours.get(n, "#999") for n in names])
         ax.bar_label(bars, fmt="%.1f")
         ratio = s["ratio"].get("cpu_us_per_req")
-        ax.set_title(s["name"] + (f"\n{ratio:.2f}x nginx" if ratio else ""), fontsize=10)
+        ax.set_title(
+            s["name"] + (f"\n{ratio:.2f}x nginx (median pair)" if ratio else ""), fontsize=10
+        )
         ax.set_ylabel("CPU µs / request")
         ax.margins(y=0.15)
     fig.suptitle("Proxy CPU per request (lower is better), median of runs")
@@ -259,9 +261,13 @@ def scaling_chart(payload: dict[str, Any], path: Path) -> bool:
         ys = [p["median"][proxy]["rps"] for p in points if proxy in p["median"]]
         if xs:
             ax.plot(xs, ys, marker="o", label=proxy)
-    ax.set_xlabel("workers")
+    ax.set_xlabel("workers (* CPUs shared with the load generator)")
     ax.set_ylabel("requests / s")
-    ax.set_xticks([p["workers"] for p in points])
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(
+        [p["workers"] for p in points],
+        [f"{p['workers']}{'*' if p['shared_cpus'] else ''}" for p in points],
+    )
     ax.set_title(f"Scaling: {payload['scaling']['scenario']}")
     ax.legend()
     fig.tight_layout()
