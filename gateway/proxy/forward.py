@@ -39,6 +39,11 @@ _REQUEST_OWN = frozenset(
         b"expect",
     }
 )
+#: ``Connection`` values that name no header beyond the hop-by-hop ones always dropped.
+_PLAIN_CONNECTION = frozenset(
+    {b"keep-alive", b"Keep-Alive", b"close", b"Close", b"keep-alive, close", b"upgrade"}
+)
+
 #: Response headers not copied: hop-by-hop ones, and those the gateway writes itself.
 _RESPONSE_SKIP = HOP_BY_HOP | {b"content-length", b"via"}
 
@@ -127,7 +132,7 @@ def request_head(
     host = (
         ex.host if (route is not None and route.preserve_host and ex.host) else target.host_header
     )
-    peer = ex.conn.peer_ip.encode("latin-1")
+    peer = ex.conn.peer_ip_bytes
     if trusted_peer and xff:
         parts += (b"x-forwarded-for: ", b", ".join(xff), b", ", peer, b"\r\n")
     else:
@@ -167,7 +172,11 @@ def response_head(
     else:
         line = status_line(status, ex.http10)
     parts = [line]
-    conn_tokens = None if connection is None else connection_tokens(connection)
+    conn_tokens = (
+        None
+        if connection is None or connection in _PLAIN_CONNECTION
+        else connection_tokens(connection)
+    )
     has_date = has_rid = False
     via = b""
     rid_name = fwd.request_id_header

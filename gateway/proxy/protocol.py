@@ -129,6 +129,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "parsing",
         "peer_ip",
+        "peer_ip_bytes",
         "pipeline",
         "requests",
         "runtime",
@@ -151,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
+        self.peer_ip_bytes = b""
         self.client_ip = ""
         self.trusted_peer = False
         self.active: Exchange | None = None
@@ -190,6 +192,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.peer_ip_bytes = self.peer_ip.encode("latin-1")
         self.client_ip = self.peer_ip
         self.trusted_peer = self.runtime.forwarding.is_trusted(self.peer_ip)
         server.connections.add(self)
@@ -819,7 +822,8 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         # The exchange's upstream is gone and can no longer resume reading for it.
-        self._unpause(PAUSE_UPSTREAM)
+        if self._paused & PAUSE_UPSTREAM:
+            self._unpause(PAUSE_UPSTREAM)
         if not ex.request_complete:
             ex.body_buf = None
             ex.body_buffered = 0

@@ -29,7 +29,8 @@ class Pool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.usable():
+            t = conn.transport  # conn.usable(), inlined: this runs for every request
+            if t is not None and not t.is_closing() and conn.exchange is None:
                 return conn
             conn.close()
         return None

@@ -46,6 +46,8 @@ class Upstream:
         self.timeouts = timeouts
 
     def pick(self) -> Target:
+        if len(self.targets) == 1:
+            return self.targets[0]
         return self.targets[self.balancer.pick()]
 
     def __repr__(self) -> str:
