@@ -115,3 +115,17 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
                 assert entry["bytes_per_connection"] >= 0, where
             if "nginx" in proxies:
                 _positive(result["ratio"]["rss_kb_per_worker"], f"{scenario.name}.ratio")
+
+
+def test_hotpath_tool_proxies_through_fake_transports() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hotpath", "--requests", "300", "--runs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    value = float(proc.stdout.split()[0])
+    assert value > 0, proc.stdout
+    assert "per proxied request" in proc.stdout

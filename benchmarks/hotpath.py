@@ -1,0 +1,188 @@
+"""The data plane's own cost per proxied request, with no sockets and no event loop work.
+
+A client connection and a pooled upstream connection are driven with fake transports: each
+iteration feeds one GET to the client side and one small response to the upstream side, so
+everything measured is the gateway's Python (and httptools) work for one request. The
+wall-clock mode is quick but noisy on a shared machine; ``--callgrind`` counts instructions
+under valgrind instead, which is repeatable to a fraction of a percent and is the number to
+compare before and after a hot-path change:
+
+    python -m benchmarks.hotpath                 # µs per request (min of several runs)
+    python -m benchmarks.hotpath --profile       # cProfile, sorted by own time
+    python -m benchmarks.hotpath --callgrind     # instructions per request (needs valgrind)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import uvloop
+
+from gateway.config.compile import compile_config
+from gateway.config.load import load_text
+from gateway.plugin import default_registry
+from gateway.proxy.protocol import ClientConnection
+from gateway.server import ServerState
+from gateway.upstream.connection import UpstreamConnection
+
+CONFIG = """
+listeners: [{name: p, bind: "127.0.0.1:1"}]
+upstreams:
+  b: {targets: [{url: "http://127.0.0.1:9"}], keepalive: {max_requests: 1000000000}}
+routes: [{name: r, match: {path_prefix: /}, upstream: b}]
+"""
+REQUEST = (
+    b"GET /index.html HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 15:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n"
+    b"hello world\n"
+)
+
+
+class FakeTransport:
+    """Collects writes; enough of asyncio.Transport for the protocols."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def writelines(self, data: Any) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+async def drive(requests: int) -> float:
+    """Proxy ``requests`` GETs; return the seconds spent."""
+    config, source = load_text(CONFIG, default_registry())
+    runtime = compile_config(config, source)
+    state = ServerState(runtime)
+    target = runtime.targets()[0]
+    upstream = UpstreamConnection(target)
+    upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
+    target.pool.release(upstream, state.now)
+    client = ClientConnection(state)
+    client_transport = FakeTransport()
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+    for _ in range(100):  # warm up
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+    client_transport.writes = 0
+    start = time.perf_counter()
+    for _ in range(requests):
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+    elapsed = time.perf_counter() - start
+    if client_transport.writes != requests:
+        raise RuntimeError(f"{client_transport.writes} responses for {requests} requests")
+    return elapsed
+
+
+def _instructions(requests: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-m",
+                "benchmarks.hotpath",
+                "--requests",
+                str(requests),
+                "--runs",
+                "1",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        summary = subprocess.run(
+            ["callgrind_annotate", out], check=True, capture_output=True, text=True
+        ).stdout
+    m = re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", summary)
+    if m is None:
+        raise RuntimeError("no totals in callgrind output")
+    return int(m.group(1).replace(",", ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.hotpath",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument("--runs", type=int, default=5, help="wall-clock runs; the minimum counts")
+    parser.add_argument("--profile", action="store_true", help="cProfile one run")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="instructions per request under valgrind (deterministic)",
+    )
+    args = parser.parse_args()
+    if args.callgrind:
+        if shutil.which("valgrind") is None:
+            print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+            return 1
+        n = 3000
+        base, loaded = _instructions(0), _instructions(n)
+        print(f"{(loaded - base) / n:,.0f} instructions per proxied request (python side)")
+        return 0
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        uvloop.run(drive(args.requests))
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return 0
+    if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
+        uvloop.run(drive(0))
+        return 0
+    best = min(uvloop.run(drive(args.requests)) for _ in range(args.runs))
+    print(
+        f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
+        f"{args.runs})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
