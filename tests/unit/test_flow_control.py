@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-import gateway.proxy.protocol as protocol_mod
 from gateway.config.compile import compile_config
 from gateway.config.load import load_text
 from gateway.plugin import default_registry
@@ -128,20 +127,6 @@ def _ok(body: bytes) -> bytes:
 
 
 # -- request body: buffering before the upstream is ready, and 100-continue -------------------
-@pytest.fixture
-def pending_connect(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.Future[UpstreamConnection]]:
-    """Replace connecting with a future the test resolves: the upstream 'connects' when told."""
-    pending: list[asyncio.Future[UpstreamConnection]] = []
-
-    async def connect(target: Target, limit: float) -> UpstreamConnection:
-        fut: asyncio.Future[UpstreamConnection] = asyncio.get_running_loop().create_future()
-        pending.append(fut)
-        return await fut
-
-    monkeypatch.setattr(protocol_mod, "connect", connect)
-    return pending
-
-
 def _connected(h: Harness) -> tuple[UpstreamConnection, FakeTransport]:
     up = UpstreamConnection(h.target)
     t = FakeTransport()

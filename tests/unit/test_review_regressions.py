@@ -10,13 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-import gateway.proxy.protocol as protocol_mod
 from gateway.plugin import Plugin, PluginConfig, Reply
 from gateway.proxy.chain import Chain
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.protocol import BODY_BUFFER_HIGH
 from gateway.upstream.connection import UpstreamConnection
-from gateway.upstream.target import Target
 from tests.unit.test_flow_control import (
     GET,
     FakeTransport,
@@ -31,20 +29,6 @@ def h() -> Iterator[Harness]:
     harness = Harness()
     yield harness
     harness.client.connection_lost(None)
-
-
-@pytest.fixture
-def pending_connect(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.Future[UpstreamConnection]]:
-    """Connecting waits on a future the test resolves."""
-    pending: list[asyncio.Future[UpstreamConnection]] = []
-
-    async def connect(target: Target, limit: float) -> UpstreamConnection:
-        fut: asyncio.Future[UpstreamConnection] = asyncio.get_running_loop().create_future()
-        pending.append(fut)
-        return await fut
-
-    monkeypatch.setattr(protocol_mod, "connect", connect)
-    return pending
 
 
 HEAD = b"HEAD /up/h HTTP/1.1\r\nhost: t\r\n\r\n"
