@@ -53,6 +53,7 @@ class Exchange:
         "path",
         "pending_error",
         "plugins_ran",
+        "plugins_since",
         "query",
         "reply_code",
         "request_complete",
@@ -62,12 +63,10 @@ class Exchange:
         "response_started",
         "retries",
         "route",
-        "start_time",
         "status",
         "task",
         "upstream",
         "upstream_target",
-        "upstream_time",
         "url",
         "user",
         "vars",
@@ -99,7 +98,6 @@ class Exchange:
         self.discard_body = False
         self.upstream: UpstreamConnection | None = None
         self.upstream_target: Target | None = None
-        self.upstream_time = 0.0
         self.status = 0
         self.response_headers = Headers()
         self.response_started = False
@@ -109,7 +107,7 @@ class Exchange:
         self.pending_error = ""
         self.retries = 0
         self.plugins_ran = 0
-        self.start_time = 0.0
+        self.plugins_since = 0.0  # when the async request plugins started
         self.task: asyncio.Task[None] | None = None
         self.done = False
         self.user: str | None = None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
+from gateway.proxy.exchange import BODY_CHUNKED
 from gateway.upstream.connection import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ def request_head(
         parts += (b"x-forwarded-host: ", fwd_host, b"\r\n")
     if fwd.via:
         parts += (b"via: ", via + b", " + fwd.via if via else fwd.via, b"\r\n")
-    if ex.body_kind == 2:
+    if ex.body_kind == BODY_CHUNKED:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif ex.length_header is not None:
         parts += (b"content-length: ", ex.length_header, b"\r\n")

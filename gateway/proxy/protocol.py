@@ -22,15 +22,15 @@ is closed); only then does the next queued exchange start. Framing that could be
 ways (request smuggling) is refused with 400 and the connection closed; nothing of such a
 request reaches an upstream.
 
-Timeouts (header read, body read, idle keep-alive, upstream read, client send) are checked by
-the server's sweep twice a second against a coarse clock, not by a timer per connection.
+Timeouts (header read, body read, idle keep-alive, request plugins, upstream read, client
+send, lingering close) are checked by the server's sweep twice a second against a coarse
+clock, not by a timer per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -239,16 +239,11 @@ class ClientConnection(asyncio.Protocol):
                 log.error("internal error while parsing a request", exc_info=cause)
                 self._reject("bad_request")
         except httptools.HttpParserUpgrade:
-            # Upgrade headers were stripped and the request answered as plain HTTP; the bytes
-            # after it belong to a protocol we do not speak, so nothing more is parsed.
+            # Raised after on_message_complete of the request that asked for it, which
+            # on_headers_complete made the connection's last: it is answered as plain HTTP
+            # (Upgrade stripped), and the bytes after it belong to a protocol we do not speak.
+            # The requests queued before it keep their keep-alive and are answered first.
             self._stop_reading()
-            ex = self.parsing
-            if ex is not None:
-                ex.keep_alive = False
-                self.on_message_complete()
-            for queued in (self.active, *self.pipeline):
-                if queued is not None:
-                    queued.keep_alive = False
         except httptools.HttpParserError as exc:
             self._reject("bad_request", f"malformed HTTP request: {_parser_reason(exc)}")
         self._feeding = False
@@ -304,6 +299,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.linger_until:
+            # The connection's last response went out earlier in this same feed (_close):
+            # what follows is not read as a request, whose reply could not be sent.
+            raise _Reject("bad_request")
         self.parsing = Exchange(self)
         self._headers_since = self.server.now
         # _reset_head_state(), inlined: this runs for every request.
@@ -373,7 +372,6 @@ class ClientConnection(asyncio.Protocol):
             # 1.1 either would be framed differently by the next hop.
             raise _Reject("bad_request", f"HTTP/{version} is not supported")
         ex.keep_alive = parser.should_keep_alive()
-        ex.start_time = time.monotonic()
         self.requests += 1
         rid = self._rid
         ex.request_id = (
@@ -432,6 +430,10 @@ class ClientConnection(asyncio.Protocol):
             # No body, nothing to wait for: a 100 would only precede the final response.
             ex.expect_continue = not ex.http10 and ex.body_kind != BODY_NONE
         tokens = self._conn_tokens
+        if tokens is not None and b"upgrade" in tokens and parser.should_upgrade():
+            # httptools parses nothing after this request (data_received): its response must
+            # close the connection, or the client's next request would wait for idle_timeout.
+            ex.keep_alive = False
         if tokens is not None and not tokens <= _PLAIN_OPTIONS:
             # RFC 9110 7.6.1: the fields Connection names belong to this hop. They go now,
             # before routing and plugins: removed when forwarding, they would take with them a
@@ -505,6 +507,9 @@ class ClientConnection(asyncio.Protocol):
         chain = route.chain
         if chain.request_hooks:
             if chain.has_async_request:
+                # plugin_timeout counts from here: time queued behind pipelined requests is
+                # not the plugins'.
+                ex.plugins_since = self.server.now
                 ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex))
                 return
             reply = chain.run_request(ex)
@@ -594,7 +599,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 conn.start(ex, b"".join([head, *buf]))
             self._check_buffer_pause()
-        elif ex.request_complete or ex.body_kind == 0:
+        elif ex.request_complete or ex.body_kind == BODY_NONE:
             conn.start(ex, head + b"0\r\n\r\n" if ex.body_kind == BODY_CHUNKED else head)
         else:
             # The body is still to come: when it follows in the bytes being parsed right now,
@@ -857,6 +862,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _reject(self, code: str, message: str | None = None) -> None:
         """Parsing cannot go on: answer the request being parsed with ``code``, then close."""
+        if self.linger_until:
+            return  # already closing after its last response: nothing more can be written
         self._stop_reading()
         ex = self.parsing
         if ex is None:
@@ -909,7 +916,6 @@ class ClientConnection(asyncio.Protocol):
         if lingering and transport.can_write_eof():
             # Half-close and keep draining what the client still sends, so it can read our
             # reply before the socket is torn down (a close with unread data sends a reset).
-            self._stop_reading()
             transport.write_eof()
             self.linger_until = self.server.now + LINGER_SECONDS
             self._paused = PAUSE_STOPPED
@@ -979,7 +985,7 @@ class ClientConnection(asyncio.Protocol):
             up is None
             and ex.task is not None
             and ex.upstream_target is None  # still in the request plugins, not connecting
-            and now - ex.start_time > limits.plugin_timeout
+            and now - ex.plugins_since > limits.plugin_timeout
         ):
             log.warning(
                 "request plugins did not finish in time", extra={"request_id": ex.request_id}

@@ -3,14 +3,15 @@
 Theory of operation
 -------------------
 A connection carries one exchange at a time (no pipelining towards upstreams). The client
-side (``gateway.proxy.protocol.ClientConnection``) writes the request through ``write``;
-this protocol parses the response with httptools and calls back into the client side:
-``upstream_head``, ``upstream_body``, ``upstream_done`` and ``upstream_failed``.
+side (``gateway.proxy.protocol.ClientConnection``) writes the request through ``start``
+(the head) and ``send_body``; this protocol parses the response with httptools and calls back
+into the client side: ``upstream_head``, ``upstream_body``, ``upstream_done`` and
+``upstream_failed``.
 
 A connection goes back to its pool only when the response was complete, the request was
-fully written, and both sides agreed to keep it alive. Anything else — an error, a response
-to ``HEAD`` whose body length we cannot trust, bytes arriving while idle — closes it: a
-connection in an unknown state is never reused.
+fully written, and both sides agreed to keep it alive. Anything else — an error, bytes
+beyond the response, bytes arriving while idle — closes it: a connection in an unknown state
+is never reused.
 
 httptools cannot be told that a response answers a HEAD request (it would wait for the
 Content-Length bytes), so a HEAD exchange ends at the response head and the parser is
@@ -240,10 +241,6 @@ class UpstreamConnection(asyncio.Protocol):
         if held is not None and self.transport is not None:
             self.held = None
             self.transport.write(held)
-
-    def usable(self) -> bool:
-        t = self.transport
-        return t is not None and not t.is_closing() and self.exchange is None
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -29,7 +29,8 @@ class Pool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            t = conn.transport  # conn.usable(), inlined: this runs for every request
+            # Open and not bound to an exchange (a method call costs here: runs per request).
+            t = conn.transport
             if t is not None and not t.is_closing() and conn.exchange is None:
                 return conn
             conn.close()

@@ -344,9 +344,11 @@ def hostile_bytes(draw: st.DrawFn) -> tuple[bytes, bytes]:
     elif kind == "insert":
         at = draw(st.integers(0, len(head)))
         insert = draw(st.sampled_from(_INSERTS))
-        if at == 0 and not insert.strip(b"\r\n"):
+        if at in (0, len(head)) and not insert.strip(b"\r\n"):
             # Empty lines before a request line are skipped by httptools (RFC 9112 2.2 asks
-            # servers to); h11 refuses them. Not a framing difference: nothing is forwarded.
+            # servers to); h11 refuses them. Not a framing difference. Line breaks inserted at
+            # the very start, or at the very end (the head then ends early and the rest is an
+            # empty line before the next request), make exactly that case: move them inside.
             at = 1
         head = head[:at] + insert + head[at:]
     elif kind == "lf":

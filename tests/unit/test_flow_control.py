@@ -51,6 +51,7 @@ class FakeTransport:
 
     def write(self, data: bytes) -> None:
         assert not self.closing, "write after close"
+        assert not self.eof, "write after write_eof"  # uvloop raises RuntimeError
         self.data += data
 
     def writelines(self, parts: Any) -> None:

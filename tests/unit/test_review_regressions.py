@@ -190,3 +190,85 @@ async def test_a_plugin_bug_after_an_async_hook_does_not_hang_the_client(h: Harn
     h.feed(GET)
     await _settle()
     assert h.ct.aborted or h.ct.closing or h.ct.data.startswith(b"HTTP/1.1 500 ")
+
+
+UPGRADE = b"GET /up/u HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+
+
+def test_an_upgrade_request_answered_at_once_closes_the_connection(h: Harness) -> None:
+    # Nothing is parsed after an upgrade request: a 404 sent keep-alive would leave the
+    # client's next request unanswered until idle_timeout.
+    h.feed(UPGRADE.replace(b"/up/u", b"/nope"))
+    out = h.ct.take()
+    assert out.startswith(b"HTTP/1.1 404 ") and b"connection: close\r\n" in out
+    assert h.ct.eof or h.ct.closing
+
+
+def test_a_request_pipelined_before_an_upgrade_keeps_the_connection_for_it(h: Harness) -> None:
+    up, ut = h.pooled_upstream()
+    h.feed(GET + UPGRADE)
+    assert ut.take().startswith(b"GET /up/a HTTP/1.1\r\n")
+    up.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na")
+    out = h.ct.take()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection: close" not in out
+    assert not h.ct.closing, "closed before the upgrade request was answered"
+    sent = ut.take()
+    assert sent.startswith(b"GET /up/u HTTP/1.1\r\n") and b"upgrade" not in sent.lower()
+    up.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nu")
+    out = h.ct.take()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection: close\r\n" in out
+
+
+class _SlowPlugin(Plugin):
+    """An async request plugin that finishes when the test says so."""
+
+    name = "slow"
+
+    def __init__(self, config: PluginConfig) -> None:
+        super().__init__(config)
+        self.release = asyncio.Event()
+
+    async def on_request(self, ex: Exchange) -> Reply | None:
+        await self.release.wait()
+        return None
+
+
+async def test_plugin_timeout_counts_from_when_the_plugins_start_not_from_parsing(
+    h: Harness,
+) -> None:
+    # A request pipelined behind a slow one waits its turn; that wait is not its plugins'.
+    up, ut = h.pooled_upstream()
+    plugin = _SlowPlugin(PluginConfig())
+    h.state.runtime.router.routes[0].chain = Chain([plugin])
+    h.feed(GET + GET.replace(b"/up/a", b"/up/b"))
+    plugin.release.set()
+    await _settle()
+    assert ut.take().startswith(b"GET /up/a HTTP/1.1\r\n")
+    plugin.release.clear()
+    h.state.now += h.state.runtime.limits.plugin_timeout + 5  # the upstream took its time
+    up.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na")
+    assert h.ct.take().endswith(b"\r\n\r\na")
+    await _settle()  # the second request's plugin has just started
+    h.client.check_timeouts(h.state.now + 1)
+    assert h.ct.take() == b"", "the second request's plugin was timed out at once"
+    plugin.release.set()
+    await _settle()
+    assert ut.take().startswith(b"GET /up/b HTTP/1.1\r\n")
+
+
+def test_bytes_after_a_closing_http10_response_are_not_answered(h: Harness) -> None:
+    # The 404 ends the connection (HTTP/1.0, no keep-alive); httptools then refuses the
+    # rest of the same read. That refusal must not write a 400 after the half-close.
+    h.feed(b"GET /nope HTTP/1.0\r\n\r\nGET /nope HTTP/1.0\r\n\r\n")
+    out = h.ct.take()
+    assert out.startswith(b"HTTP/1.0 404 ") and out.count(b"HTTP/1.0") == 1
+    assert h.ct.eof
+
+
+def test_a_request_after_the_last_response_in_the_same_read_is_not_started(h: Harness) -> None:
+    _, ut = h.pooled_upstream()
+    h.state.draining = True  # every response is the connection's last
+    h.feed(b"GET /nope HTTP/1.1\r\nhost: t\r\n\r\n" + GET)
+    out = h.ct.take()
+    assert out.startswith(b"HTTP/1.1 404 ") and out.count(b"HTTP/1.1") == 1
+    assert ut.take() == b"", "a request read after the last response went upstream"
