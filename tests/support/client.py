@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,30 +67,12 @@ class Conn:
 
     def read_response(self, method: str = "GET") -> Response:
         conn = self.h11
-        status, headers, version = 0, [], "1.1"
-        interim: list[int] = []
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = self.sock.recv(1024 * 1024)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.InformationalResponse):
-                interim.append(event.status_code)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                version = event.http_version.decode()
-                headers = [(n.decode().lower(), v.decode("latin-1")) for n, v in event.headers]
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionError("connection closed before a response")
+        resp = _next_response(
+            conn, lambda: self.sock.recv(1024 * 1024), "connection closed before a response"
+        )
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
-        return Response(status, headers, bytes(body), version, interim)
+        return resp
 
     def closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True when the peer closes (EOF or reset) within ``timeout`` seconds."""
@@ -112,6 +95,30 @@ class Conn:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _next_response(conn: h11.Connection, more: Callable[[], bytes], closed: str) -> Response:
+    """Read one response from ``conn``, calling ``more()`` for bytes when h11 needs them."""
+    status, headers, version = 0, [], "1.1"
+    interim: list[int] = []
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(more())
+            continue
+        if isinstance(event, h11.InformationalResponse):
+            interim.append(event.status_code)
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            version = event.http_version.decode()
+            headers = [(n.decode().lower(), v.decode("latin-1")) for n, v in event.headers]
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return Response(status, headers, bytes(body), version, interim)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ConnectionError(closed)
 
 
 def request(
@@ -159,23 +166,7 @@ def parse_responses(data: bytes, methods: list[str] | None = None) -> list[Respo
         conn.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
         conn.send(h11.EndOfMessage())
         conn.receive_data(rest)
-        status, headers, body, version = 0, [], bytearray(), "1.1"
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(b"")
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                version = event.http_version.decode()
-                headers = [(n.decode().lower(), v.decode("latin-1")) for n, v in event.headers]
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionError("truncated response")
-        out.append(Response(status, headers, bytes(body), version))
+        out.append(_next_response(conn, lambda: b"", "truncated response"))
         rest = conn.trailing_data[0]
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
             break
