@@ -21,7 +21,14 @@ import h11
 import pytest
 
 from tests.conftest import proxy_config
-from tests.support.client import Conn, Response, parse_responses, request
+from tests.support.client import (
+    Conn,
+    Response,
+    parse_responses,
+    read_until_close,
+    request,
+    send_and_read,
+)
 from tests.support.procs import GatewayProcess, UpstreamProcess, free_port
 
 MAX_BODY = 1000
@@ -234,28 +241,8 @@ def request_ok(g: GatewayProcess) -> bool:
     return request(g.port, "GET", "/echo/still-serving").status == 200
 
 
-def read_until_close(sock: socket.socket, timeout: float = 8.0) -> tuple[bytes, bool]:
-    """Everything the peer sends, and whether it closed (EOF or reset) within ``timeout``."""
-    sock.settimeout(timeout)
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return bytes(out), True
-            out += chunk
-    except ConnectionResetError:
-        return bytes(out), True
-    except TimeoutError:
-        pass
-    return bytes(out), False
-
-
 def send_raw(port: int, data: bytes, timeout: float = 8.0) -> tuple[bytes, bool]:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        return read_until_close(s, timeout)
+    return send_and_read(port, data, timeout)
 
 
 def assert_error(resp: Response, status: int, code: str) -> None:

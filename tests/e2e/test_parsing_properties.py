@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from gateway.http.target import needs_normalising, normalise_path
 from tests.conftest import proxy_config
-from tests.support.client import parse_responses
+from tests.support.client import parse_responses, read_until_close
 from tests.support.procs import GatewayProcess, UpstreamProcess
 
 PREFIX = "x-h-"
@@ -152,17 +152,7 @@ def send_pieces(port: int, pieces: list[bytes], timeout: float = 5.0) -> bytes:
             if i:
                 time.sleep(0.001)  # a separate read on the gateway's side, most of the time
             s.sendall(piece)
-        out = bytearray()
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-        return bytes(out)
+        return read_until_close(s, timeout)[0]
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -10,13 +10,12 @@ cannot be bypassed with ``/public/../admin``.
 
 from __future__ import annotations
 
-import socket
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.client import Response, parse_responses
+from tests.support.client import send_and_read as exchange
 from tests.support.procs import GatewayProcess, UpstreamProcess
 
 
@@ -52,26 +51,6 @@ def gw(
     g = GatewayProcess(config, tmp_path_factory.mktemp("gw"))
     yield g
     g.stop()
-
-
-def exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
-    """Send ``data``; return what came back and whether the gateway closed the connection
-    (EOF or reset) within ``timeout``."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = bytearray()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                return bytes(out), False
-            except ConnectionResetError:
-                return bytes(out), True
-            if not chunk:
-                return bytes(out), True
-            out += chunk
-        return bytes(out), False
 
 
 def assert_error(resp: Response, status: int, code: str | None = None) -> None:

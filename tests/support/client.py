@@ -134,25 +134,34 @@ def request(
         return c.request(method, target, headers, body, host)
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 5.0, wait_close: bool = True) -> bytes:
-    """Send raw bytes; return everything received until the peer closes (or ``timeout``)."""
+def read_until_close(sock: socket.socket, timeout: float = 8.0) -> tuple[bytes, bool]:
+    """Everything the peer sends, and whether it closed (EOF or reset) within ``timeout``."""
+    sock.settimeout(timeout)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return bytes(out), True
+            out += chunk
+    except ConnectionResetError:
+        return bytes(out), True
+    except TimeoutError:
+        pass
+    return bytes(out), False
+
+
+def send_and_read(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send raw bytes; return what came back and whether the peer closed within ``timeout``."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        out = bytearray()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                break
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-            if not wait_close and b"\r\n\r\n" in out:
-                break
-        return bytes(out)
+        return read_until_close(s, timeout)
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes; return everything received until the peer closes (or ``timeout``)."""
+    return send_and_read(port, data, timeout)[0]
 
 
 def parse_responses(data: bytes, methods: list[str] | None = None) -> list[Response]:
