@@ -270,6 +270,8 @@ class _Compiler:
                     if not rewrite.startswith(b"/"):
                         self.error((*loc, "prefix_rewrite"), "must start with /")
             route_plugins = self.plugins(rc.plugins)
+            for p in route_plugins:
+                p.route_name = rc.name
             out.append(
                 Route(
                     name=rc.name,

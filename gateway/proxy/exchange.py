@@ -27,7 +27,8 @@ class Exchange:
     upstream is contacted), ``host``, ``client_ip``, ``route``, ``request_id``; after the
     response head: ``status`` and ``response_headers``. ``vars`` is a dict for plugins' own
     per-request state, created on first use via ``ex.var()``/``ex.set_var()``; ``user`` is the
-    identity an auth plugin established.
+    identity an auth plugin established; ``note()`` records a plugin decision for the access
+    log.
     """
 
     __slots__ = (
@@ -50,6 +51,7 @@ class Exchange:
         "length_header",
         "max_body",
         "method",
+        "notes",
         "path",
         "pending_error",
         "plugins_ran",
@@ -64,7 +66,12 @@ class Exchange:
         "retries",
         "route",
         "status",
+        "t_start",
+        "t_upstream",
+        "t_upstream_head",
         "task",
+        "trace_id",
+        "traceparent",
         "upstream",
         "upstream_target",
         "url",
@@ -112,6 +119,12 @@ class Exchange:
         self.done = False
         self.user: str | None = None
         self.vars: dict[str, Any] | None = None
+        self.notes: dict[str, Any] | None = None
+        self.t_start = 0.0  # monotonic: request head parsed
+        self.t_upstream = 0.0  # upstream request started (0.0: never)
+        self.t_upstream_head = 0.0  # upstream response head received
+        self.trace_id = ""
+        self.traceparent: bytes | None = None
 
     def var(self, name: str, default: Any = None) -> Any:
         v = self.vars
@@ -121,6 +134,12 @@ class Exchange:
         if self.vars is None:
             self.vars = {}
         self.vars[name] = value
+
+    def note(self, key: str, value: Any) -> None:
+        """Record a plugin decision for the access log (e.g. ``note("ratelimit", "limited")``)."""
+        if self.notes is None:
+            self.notes = {}
+        self.notes[key] = value
 
     def __repr__(self) -> str:
         return (
