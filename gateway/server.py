@@ -76,6 +76,8 @@ class Worker:
                 t.port = port
                 t.host_header = f"127.0.0.1:{port}".encode()
                 t.label = f"builtin:echo@127.0.0.1:{port}"
+        for upstream in runtime.upstreams.values():
+            await upstream.start()  # resolves host names, starts health checks
         for plugin in runtime.plugins:
             await plugin.start()
         loop = asyncio.get_running_loop()
@@ -126,6 +128,8 @@ class Worker:
         for conn in list(state.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        for upstream in state.runtime.upstreams.values():
+            upstream.stop()
         for target in state.runtime.targets():
             target.pool.close_all()
         for plugin in state.runtime.plugins:

@@ -13,14 +13,18 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.config.load import ConfigIssue, PluginSpec, Source, format_loc
-from gateway.config.model import GatewayConfig, LimitsConfig
+from gateway.config.model import GatewayConfig, LimitsConfig, UpstreamConfig
 from gateway.http.headers import is_token
 from gateway.plugin import Plugin
 from gateway.proxy.chain import Chain
 from gateway.proxy.forward import Forwarding, IPNetwork
 from gateway.proxy.router import Route, Router
-from gateway.upstream.balancer import BALANCERS
+from gateway.upstream.balancer import BALANCERS, make_key
+from gateway.upstream.discovery import TargetSpec
+from gateway.upstream.health import ActiveCheck, HealthPolicy, Outlier
 from gateway.upstream.pool import Pool
+from gateway.upstream.retry import RetryBudget, RetryPolicy
+from gateway.upstream.stats import UpstreamStats
 from gateway.upstream.target import Target, Upstream, UpstreamTimeouts
 
 BUILTIN_ECHO = "builtin:echo"
@@ -138,17 +142,11 @@ class _Compiler:
     def upstreams(self) -> dict[str, Upstream]:
         out = {}
         for name, uc in self.config.upstreams.items():
-            targets = []
+            specs = []
             for i, tc in enumerate(uc.targets):
                 loc = ("upstreams", name, "targets", i, "url")
-                pool = Pool(
-                    f"{name}/{i}",
-                    uc.keepalive.max_idle,
-                    uc.keepalive.idle_timeout,
-                    uc.keepalive.max_requests,
-                )
                 if tc.url == BUILTIN_ECHO:
-                    targets.append(Target("127.0.0.1", 0, tc.weight, pool, builtin="echo"))
+                    specs.append(TargetSpec(i, tc.url, "127.0.0.1", 0, tc.weight, builtin="echo"))
                     continue
                 parts = urlsplit(tc.url)
                 if parts.scheme != "http":
@@ -166,17 +164,94 @@ class _Compiler:
                 except ValueError:
                     self.error(loc, "invalid port")
                     continue
-                targets.append(Target(parts.hostname, port, tc.weight, pool))
-            if not targets:
+                specs.append(TargetSpec(i, tc.url, parts.hostname, port, tc.weight))
+            if not specs:
                 continue
-            balancer = BALANCERS[uc.balancer]([t.weight for t in targets])
-            out[name] = Upstream(
-                name,
-                tuple(targets),
-                balancer,
-                UpstreamTimeouts(uc.timeouts.connect, uc.timeouts.read),
-            )
+            key_loc = ("upstreams", name, "hash_key")
+            if uc.balancer == "consistent_hash" and uc.hash_on in ("header", "cookie", "jwt_claim"):
+                if not uc.hash_key:
+                    self.error(key_loc, f"required with hash_on: {uc.hash_on}")
+                    continue
+                if uc.hash_on == "header" and not is_token(uc.hash_key.encode("latin-1", "ignore")):
+                    self.error(key_loc, "not a valid header name")
+                    continue
+            out[name] = self.upstream(name, uc, tuple(specs))
         return out
+
+    def upstream(self, name: str, uc: UpstreamConfig, specs: tuple[TargetSpec, ...]) -> Upstream:
+        cb = uc.circuit_breaker
+        limit = min(cb.max_connections, cb.max_pending)
+        ka = uc.keepalive
+
+        def make_target(spec: TargetSpec, address: str) -> Target:
+            pool = Pool(
+                f"{name}/{spec.index}",
+                min(ka.max_idle, cb.max_connections),
+                ka.idle_timeout,
+                ka.max_requests,
+            )
+            return Target(
+                address,
+                spec.port,
+                spec.weight,
+                pool,
+                builtin=spec.builtin,
+                hostname=None if spec.literal else spec.hostname,
+                limit=limit,
+                spec_index=spec.index,
+            )
+
+        od = uc.outlier_detection
+        hc = uc.health_check
+        check = None
+        if hc is not None:
+            check = ActiveCheck(
+                hc.path,
+                hc.interval,
+                min(hc.timeout, hc.interval),
+                hc.healthy,
+                hc.unhealthy,
+                frozenset(hc.expected_statuses),
+                hc.jitter,
+            )
+        health = HealthPolicy(
+            check,
+            Outlier(
+                od.consecutive_failures,
+                od.base_ejection,
+                max(od.max_ejection, od.base_ejection),
+                od.max_ejected_percent / 100,
+            ),
+            fail_fast=uc.all_down == "fail_fast",
+            slow_start=uc.slow_start or 0.0,
+        )
+        rc = uc.retries
+        retry = None
+        if rc.attempts > 1:
+            retry = RetryPolicy(
+                rc.attempts,
+                frozenset(c for c in rc.on if isinstance(c, str)),
+                frozenset(c for c in rc.on if isinstance(c, int)),
+                RetryBudget(rc.budget, rc.min_per_second),
+                rc.backoff.base,
+                max(rc.backoff.max, rc.backoff.base),
+                rc.max_body,
+            )
+        t = uc.timeouts
+        upstream = Upstream(
+            name,
+            tuple(make_target(s, s.hostname) for s in specs if s.literal),
+            UpstreamTimeouts(t.connect, t.read, t.total or 0.0),
+            BALANCERS[uc.balancer],
+            make_key(uc.hash_on, uc.hash_key or ""),
+            health,
+            retry,
+        )
+        upstream.specs = specs
+        upstream.make_target = make_target
+        upstream.resolve_interval = uc.resolve_interval
+        upstream.stats = UpstreamStats(name)
+        return upstream
 
     def forwarding(self) -> Forwarding:
         fc = self.config.forwarding
@@ -269,6 +344,14 @@ class _Compiler:
                     rewrite = (rc.prefix_rewrite or "/").encode()
                     if not rewrite.startswith(b"/"):
                         self.error((*loc, "prefix_rewrite"), "must start with /")
+            timeouts = None
+            if rc.timeouts is not None:
+                base, rt = upstream.timeouts, rc.timeouts
+                timeouts = UpstreamTimeouts(
+                    rt.connect or base.connect,
+                    rt.read or base.read,
+                    rt.total or base.total,
+                )
             route_plugins = self.plugins(rc.plugins)
             for p in route_plugins:
                 p.route_name = rc.name
@@ -288,6 +371,7 @@ class _Compiler:
                     prefix_rewrite=rewrite,
                     preserve_host=rc.preserve_host,
                     max_body_size=rc.max_body_size or 0,
+                    timeouts=timeouts,
                 )
             )
         return out

@@ -43,13 +43,24 @@ class ListenerConfig(Strict):
 
 
 class TargetConfig(Strict):
-    url: str = Field(min_length=1, description="http://host:port, or builtin:echo")
+    url: str = Field(
+        min_length=1, description="http://host:port (each address of host a target), builtin:echo"
+    )
     weight: int = Field(default=1, ge=1, le=1000)
 
 
 class UpstreamTimeouts(Strict):
     connect: Duration = 2.0
     read: Duration = 30.0
+    total: Duration | None = None
+
+
+class RouteTimeouts(Strict):
+    """A route's own upstream timeouts; unset ones are the upstream's."""
+
+    connect: Duration | None = None
+    read: Duration | None = None
+    total: Duration | None = None
 
 
 class KeepaliveConfig(Strict):
@@ -58,11 +69,93 @@ class KeepaliveConfig(Strict):
     max_requests: int = Field(default=10_000, ge=1)
 
 
+def _statuses(value: object) -> object:
+    """``[200, "300-399"]``: statuses and inclusive ranges."""
+    if not isinstance(value, list):
+        return value
+    out: list[int] = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str) and "-" in item:
+            a, _, b = item.partition("-")
+            if not (a.strip().isdigit() and b.strip().isdigit()):
+                raise ValueError(f"invalid status range {item!r}: use e.g. 200-299")
+            lo, hi = int(a), int(b)
+        elif isinstance(item, str) and item.strip().isdigit():
+            lo = hi = int(item)
+        else:
+            raise ValueError(f"invalid status {item!r}: use a number or a range such as 200-299")
+        if not 100 <= lo <= hi <= 599:
+            raise ValueError(f"invalid status {item!r}: statuses are 100..599")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+Statuses = Annotated[list[int], BeforeValidator(_statuses)]
+
+
+class HealthCheckConfig(Strict):
+    path: str = Field(default="/healthz", pattern=r"^/[^\s]*$")
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+    healthy: int = Field(default=2, ge=1, le=100)
+    unhealthy: int = Field(default=3, ge=1, le=100)
+    expected_statuses: Statuses = Field(default_factory=lambda: list(range(200, 400)))
+    jitter: float = Field(default=0.2, ge=0, le=1)
+
+
+class OutlierConfig(Strict):
+    consecutive_failures: int = Field(default=5, ge=0, le=10_000)
+    base_ejection: Duration = 30.0
+    max_ejection: Duration = 300.0
+    max_ejected_percent: int = Field(default=50, ge=0, le=100)
+
+
+class BackoffConfig(Strict):
+    base: Duration = 0.025
+    max: Duration = 0.25
+
+
+RetryCondition = Literal["connect_failure", "reset", "timeout"]
+
+
+class RetryConfig(Strict):
+    attempts: int = Field(default=2, ge=1, le=10)
+    on: list[RetryCondition | Annotated[int, Field(ge=500, le=599)]] = [
+        "connect_failure",
+        "reset",
+        502,
+        503,
+        504,
+    ]
+    budget: float = Field(default=0.2, ge=0, le=1)
+    min_per_second: float = Field(default=3.0, ge=0, le=10_000)
+    backoff: BackoffConfig = BackoffConfig()
+    max_body: Size = 64 * 1024
+
+
+class CircuitBreakerConfig(Strict):
+    max_connections: int = Field(default=10_000, ge=1)
+    max_pending: int = Field(default=10_000, ge=1)
+
+
 class UpstreamConfig(Strict):
-    balancer: Literal["round_robin"] = "round_robin"
+    balancer: Literal["round_robin", "least_conn", "p2c_ewma", "consistent_hash", "random"] = (
+        "round_robin"
+    )
+    hash_on: Literal["client_ip", "header", "cookie", "jwt_claim", "path"] = "client_ip"
+    hash_key: str | None = None
     targets: list[TargetConfig] = Field(min_length=1)
+    resolve_interval: Duration = 30.0
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     keepalive: KeepaliveConfig = KeepaliveConfig()
+    health_check: HealthCheckConfig | None = None
+    outlier_detection: OutlierConfig = OutlierConfig()
+    all_down: Literal["panic", "fail_fast"] = "panic"
+    slow_start: Duration | None = None
+    retries: RetryConfig = RetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
 
 class MatchConfig(Strict):
@@ -82,6 +175,7 @@ class RouteConfig(Strict):
     prefix_rewrite: str | None = None
     preserve_host: bool = False
     max_body_size: Size | None = None
+    timeouts: RouteTimeouts | None = None
     #: ``[{plugin_name: {config}}]``; validated against each plugin's Config by the loader.
     plugins: list[Any] = []
 

@@ -27,6 +27,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "upstream_reset": (502, "the upstream closed the connection before responding"),
     "upstream_bad_response": (502, "the upstream sent an invalid HTTP response"),
     "no_healthy_upstream": (503, "no upstream target is available"),
+    "upstream_overloaded": (503, "every upstream target is at its connection or request limit"),
     "too_many_connections": (503, "the gateway is at its connection limit"),
     "upstream_connect_timeout": (504, "timed out connecting to the upstream"),
     "upstream_timeout": (504, "the upstream did not respond in time"),

@@ -57,6 +57,7 @@ class Exchange:
         "plugins_ran",
         "plugins_since",
         "query",
+        "replay",
         "reply_code",
         "request_complete",
         "request_id",
@@ -72,7 +73,9 @@ class Exchange:
         "task",
         "trace_id",
         "traceparent",
+        "tried",
         "upstream",
+        "upstream_since",
         "upstream_target",
         "url",
         "user",
@@ -113,6 +116,11 @@ class Exchange:
         self.reply_code = ""
         self.pending_error = ""
         self.retries = 0
+        # Retries (gateway.upstream.retry): the body kept for replay, the targets tried, and
+        # when the first attempt began (for the upstream's total timeout).
+        self.replay: list[bytes] | None = None
+        self.tried: tuple[Target, ...] = ()
+        self.upstream_since = 0.0
         self.plugins_ran = 0
         self.plugins_since = 0.0  # when the async request plugins started
         self.task: asyncio.Task[None] | None = None

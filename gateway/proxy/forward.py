@@ -18,6 +18,7 @@ from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
 from gateway.proxy.exchange import BODY_CHUNKED
 from gateway.upstream.connection import UpstreamConnection
+from gateway.upstream.health import passive_failure
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
@@ -213,10 +214,21 @@ def response_head(
 
 
 async def connect(target: Target, timeout: float) -> UpstreamConnection:  # noqa: ASYNC109
-    """Open a new connection to ``target``; raises ``OSError`` or ``TimeoutError``."""
+    """Open a new connection to ``target``; raises ``OSError`` or ``TimeoutError``.
+
+    The one place connections to targets are opened. While it runs the target counts it in
+    ``connecting`` (the balancers and the circuit breaker see it as load); a failure is a
+    passive-health failure of the target."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(
-            lambda: UpstreamConnection(target), target.host, target.port
-        )
+    target.connecting += 1
+    try:
+        async with asyncio.timeout(timeout):
+            _, protocol = await loop.create_connection(
+                lambda: UpstreamConnection(target), target.host, target.port
+            )
+    except OSError:  # TimeoutError included
+        passive_failure(target)
+        raise
+    finally:
+        target.connecting -= 1
     return protocol

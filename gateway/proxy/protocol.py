@@ -51,6 +51,7 @@ from gateway.proxy.chain import PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
 from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+from gateway.upstream.retry import failover
 
 if TYPE_CHECKING:
     from gateway.config.compile import Runtime
@@ -86,8 +87,6 @@ _SPECIAL = {
 }
 #: Connection options that name no header the forwarding does not drop anyway.
 _PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_RETRYABLE = frozenset({"upstream_reset"})
 
 
 class _Reject(Exception):
@@ -468,6 +467,12 @@ class ClientConnection(asyncio.Protocol):
         self._body_since = self.server.now
         if ex.discard_body or ex.done:
             return
+        replay = ex.replay
+        if replay is not None:  # kept for a retry (gateway.upstream.retry)
+            replay.append(body)
+            retry = ex.route.upstream.retry if ex.route is not None else None
+            if retry is None or ex.body_received > retry.max_body:
+                ex.replay = None
         up = ex.upstream
         if up is not None:
             # The exchange is progressing: the upstream's read timer counts its silence from
@@ -542,20 +547,51 @@ class ClientConnection(asyncio.Protocol):
         self._abort(ex)
 
     def _forward(self, ex: Exchange) -> None:
-        assert ex.route is not None
-        target = ex.route.upstream.pick()
+        route = ex.route
+        assert route is not None
+        upstream = route.upstream
+        target = upstream.pick(ex)
+        if target is None:  # all down with all_down: fail_fast, or every circuit open
+            self.send_reply(ex, Reply.error(upstream.refusal))
+            return
         ex.upstream_target = target
+        if route.timeouts.total:
+            ex.upstream_since = self.server.now
+        if ex.body_kind != BODY_NONE:
+            retry = upstream.retry
+            if retry is not None and retry.wants_replay(ex):
+                ex.replay = list(ex.body_buf) if ex.body_buf is not None else []
         conn = target.pool.acquire()
         if conn is None:
             ex.task = asyncio.get_running_loop().create_task(self._connect(ex, target))
         else:
             self._attach(ex, conn)
 
-    async def _connect(self, ex: Exchange, target: Target) -> None:
+    def _retry(self, ex: Exchange, code: str, status: int, conn: UpstreamConnection | None) -> bool:
+        """Start the next attempt of ``ex`` when ``gateway.upstream.retry`` allows one."""
+        assert ex.route is not None
+        nxt = failover(ex, ex.route.upstream, code, status, conn, self.server.now)
+        if nxt is None:
+            return False
+        target, delay = nxt
+        if conn is not None:
+            ex.upstream = None
+            conn.abort()
+            if ex.replay is not None:  # the body went out on that connection: send it again
+                ex.body_buf = list(ex.replay)
+                ex.body_buffered = ex.body_received
+        ex.retries += 1
+        ex.upstream_target = target
+        ex.task = asyncio.get_running_loop().create_task(self._connect(ex, target, delay))
+        return True
+
+    async def _connect(self, ex: Exchange, target: Target, delay: float = 0.0) -> None:
         assert ex.route is not None
         code = ""
+        if delay:
+            await asyncio.sleep(delay)
         try:
-            conn = await connect(target, ex.route.upstream.timeouts.connect)
+            conn = await connect(target, ex.route.timeouts.connect)
         except TimeoutError:
             code = "upstream_connect_timeout"
         except OSError as exc:
@@ -630,6 +666,10 @@ class ClientConnection(asyncio.Protocol):
             return
         conn = ex.upstream
         assert conn is not None and ex.route is not None
+        if status >= 500:
+            retry = ex.route.upstream.retry
+            if retry is not None and status in retry.statuses and self._retry(ex, "", status, conn):
+                return
         ex.status = status
         ex.response_headers = Headers(headers)
         chain = ex.route.chain
@@ -736,25 +776,10 @@ class ClientConnection(asyncio.Protocol):
         ex.upstream = None
         if conn is not None:
             conn.abort()
-            # A pooled connection the upstream closed while idle fails before any response:
-            # retry once on a fresh connection when the request can be replayed.
-            if (
-                code in _RETRYABLE
-                and conn.requests > 1
-                and not conn.response_started
-                and not ex.retries
-                and ex.method in _IDEMPOTENT
-                and ex.body_received == 0
-                and ex.body_kind != BODY_CHUNKED
-                and ex.content_length == 0
-            ):
-                ex.retries += 1
-                # On a new connection: the pool's other idle ones likely died the same way.
-                assert ex.route is not None
-                target = ex.route.upstream.pick()
-                ex.upstream_target = target
-                ex.task = asyncio.get_running_loop().create_task(self._connect(ex, target))
-                return
+        # Another attempt (another target, or a fresh connection for a stale pooled one),
+        # when the failure, the method and the body allow it (gateway.upstream.retry).
+        if self._retry(ex, code, 0, conn):
+            return
         if ex.response_started:
             log.warning(
                 "upstream failed mid-response (%s); closing the client connection",
@@ -976,10 +1001,13 @@ class ClientConnection(asyncio.Protocol):
         up = ex.upstream
         route = ex.route
         if (
-            up is not None
+            ex.upstream_since
             and route is not None
-            and now - up.last_read > route.upstream.timeouts.read
+            and not ex.response_started
+            and now - ex.upstream_since > route.timeouts.total
         ):
+            self.send_reply(ex, Reply.error("upstream_timeout"))  # retries included: no more
+        elif up is not None and route is not None and now - up.last_read > route.timeouts.read:
             self.upstream_failed(ex, "upstream_timeout", up)
         elif (
             up is None

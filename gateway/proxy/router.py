@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.proxy.chain import Chain
-    from gateway.upstream.target import Upstream
+    from gateway.upstream.target import Upstream, UpstreamTimeouts
 
 HOST_CACHE_SIZE = 4096
 
@@ -42,6 +42,7 @@ class Route:
         "path_regex",
         "prefix_rewrite",
         "preserve_host",
+        "timeouts",
         "upstream",
         "wildcard_hosts",
     )
@@ -63,6 +64,7 @@ class Route:
         prefix_rewrite: bytes | None = None,
         preserve_host: bool = False,
         max_body_size: int = 0,
+        timeouts: UpstreamTimeouts | None = None,
     ) -> None:
         self.name = name
         self.order = order
@@ -78,6 +80,8 @@ class Route:
         self.prefix_rewrite = prefix_rewrite
         self.preserve_host = preserve_host
         self.max_body_size = max_body_size
+        #: The upstream's timeouts, or the route's own (``routes[].timeouts``).
+        self.timeouts = timeouts if timeouts is not None else upstream.timeouts
 
     def admits_host(self, host: bytes) -> bool:
         if not self.exact_hosts and not self.wildcard_hosts:

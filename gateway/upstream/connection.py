@@ -19,14 +19,22 @@ replaced before the connection is reused. The old parser still runs to the end o
 being fed and may report the HEAD response complete (``Content-Length: 0``) after a pipelined
 exchange has already taken the connection: once an exchange has ended, the rest of that feed
 (``_spent``) must bring nothing, and anything it does bring closes the connection.
+
+The target's counters are kept here: ``connections`` (open ones), ``in_flight`` (exchanges
+bound to one of them: +1 in ``start``, -1 wherever ``exchange`` goes back to ``None``), the
+passive-health outcome of each response head (a 5xx is a failure, anything else resets the
+count) and, for ``p2c_ewma``, the time to the response head.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, cast
 
 import httptools
+
+from gateway.upstream.health import passive_failure
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
@@ -58,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         "length_value",
         "requests",
         "response_started",
+        "sent_at",
         "target",
         "transport",
     )
@@ -80,17 +89,23 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         self.idle_since = 0.0
         self.last_read = 0.0
+        self.sent_at = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.target.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.target.pool.discard(self)
+        target = self.target
+        target.pool.discard(self)
+        if self.transport is not None:
+            target.connections -= 1
         ex = self.exchange
         if ex is None:
             return
         self.exchange = None
+        target.in_flight -= 1
         if self.response_started and self.framing == FRAMING_CLOSE and exc is None:
             ex.conn.upstream_done(ex, self, reusable=False)
         else:
@@ -163,6 +178,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         self._interim = False
+        target = self.target
+        if status >= 500:
+            passive_failure(target)
+        elif target.fails:
+            target.fails = 0
+        if target.track_latency:
+            now = time.monotonic()
+            target.observe_latency(now - self.sent_at, now)
         if ex.method == b"HEAD" or status == 204 or status == 304:
             self.framing = FRAMING_NONE
         elif self._chunked:
@@ -206,6 +229,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.framing = FRAMING_NONE
         self.requests += 1
         self.last_read = ex.conn.server.now
+        target = self.target
+        target.in_flight += 1
+        if target.track_latency:
+            self.sent_at = time.monotonic()
         assert self.transport is not None
         if hold:
             self.held = head
@@ -248,13 +275,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once: its exchange was abandoned mid-way."""
-        self.exchange = None
+        if self.exchange is not None:
+            self.exchange = None
+            self.target.in_flight -= 1
         self.held = None
         if self.transport is not None:
             self.transport.abort()
 
     def _finish(self, ex: Exchange, keep_alive: bool) -> None:
         self.exchange = None
+        self.target.in_flight -= 1
         self._spent = True
         ex.conn.upstream_done(ex, self, reusable=keep_alive and self.framing != FRAMING_CLOSE)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import pytest
 
@@ -18,7 +17,6 @@ from gateway.http.headers import (
 )
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, has_no_body, reason, status_line
 from gateway.http.target import needs_normalising, normalise_path, split_target
-from gateway.upstream.balancer import BALANCERS, RoundRobin
 
 
 # -- request targets --------------------------------------------------------------------------
@@ -286,48 +284,3 @@ def test_error_table() -> None:
         assert code.isidentifier() and code == code.lower()
 
 
-# -- balancer ---------------------------------------------------------------------------------
-def test_smooth_weighted_round_robin_order() -> None:
-    rr = RoundRobin([5, 1, 1])
-    picks = [rr.pick() for _ in range(14)]
-    # nginx's smooth weighting: a a b a c a a, never five a in a row; then it repeats
-    assert picks == [0, 0, 1, 0, 2, 0, 0] * 2
-
-
-@pytest.mark.parametrize("weights", [[5, 1, 1], [3, 2], [1, 2, 3, 4], [7, 7, 1], [1, 100]])
-def test_weighted_counts_are_exact_over_a_cycle(weights: list[int]) -> None:
-    rr = RoundRobin(weights)
-    cycle = sum(weights)
-    for _ in range(3):
-        counts = Counter(rr.pick() for _ in range(cycle))
-        assert [counts[i] for i in range(len(weights))] == weights
-
-
-def test_smooth_weighting_spreads_the_heavy_target() -> None:
-    rr = RoundRobin([1, 100])
-    picks = [rr.pick() for _ in range(101)]
-    assert picks.count(0) == 1
-    # the light target is picked once, in the middle of the cycle, not at one edge
-    assert 25 < picks.index(0) < 75
-
-
-def test_equal_weights_cycle() -> None:
-    rr = RoundRobin([1, 1, 1])
-    assert [rr.pick() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    rr2 = RoundRobin([3, 3])
-    assert [rr2.pick() for _ in range(4)] == [0, 1, 0, 1]
-
-
-def test_single_target() -> None:
-    rr = RoundRobin([9])
-    assert {rr.pick() for _ in range(5)} == {0}
-
-
-def test_balancer_needs_a_target() -> None:
-    with pytest.raises(ValueError):
-        RoundRobin([])
-
-
-def test_balancer_registry() -> None:
-    assert BALANCERS["round_robin"] is RoundRobin
-    assert RoundRobin.name == "round_robin"
