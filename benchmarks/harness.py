@@ -155,15 +155,21 @@ class ProxyUnderTest:
 def gateway_config(
     port: int, upstreams: dict[str, Upstream], scenarios: list[Scenario]
 ) -> dict[str, Any]:
+    keepalive = {"max_idle": 1024, "max_requests": 10000}
+    config_upstreams: dict[str, Any] = {
+        name: {"targets": [{"url": up.url}], "keepalive": keepalive}
+        for name, up in upstreams.items()
+    }
+    for s in scenarios:
+        if s.targets > 1:
+            config_upstreams[s.upstream_name] = {
+                "balancer": s.balancer,
+                "targets": [{"url": upstreams[s.upstream].url}] * s.targets,
+                "keepalive": keepalive,
+            }
     return {
         "listeners": [{"name": "public", "bind": f"127.0.0.1:{port}"}],
-        "upstreams": {
-            name: {
-                "targets": [{"url": up.url}],
-                "keepalive": {"max_idle": 1024, "max_requests": 10000},
-            }
-            for name, up in upstreams.items()
-        },
+        "upstreams": config_upstreams,
         "routes": [s.gateway_route() for s in scenarios],
         "limits": {"max_connections": nginx.PROXY_WORKER_CONNECTIONS},
         "log": {"level": "warning"},

@@ -10,6 +10,8 @@ compare before and after a hot-path change:
     python -m benchmarks.hotpath                 # µs per request (min of several runs)
     python -m benchmarks.hotpath --profile       # cProfile, sorted by own time
     python -m benchmarks.hotpath --callgrind     # instructions per request (needs valgrind)
+    python -m benchmarks.hotpath --callgrind --targets 3 --balancer least_conn
+                                                 # the same through a balancer over 3 targets
 """
 
 from __future__ import annotations
@@ -89,33 +91,54 @@ class FakeTransport:
         pass
 
 
-async def drive(requests: int) -> float:
-    """Proxy ``requests`` GETs; return the seconds spent."""
-    config, source = load_text(CONFIG, default_registry())
+def balanced_config(targets: int, balancer: str) -> str:
+    """``CONFIG`` with ``targets`` targets (distinct ports, never connected to) and a balancer."""
+    urls = ", ".join(f'{{url: "http://127.0.0.1:{9 + i}"}}' for i in range(targets))
+    return CONFIG.replace(
+        '{targets: [{url: "http://127.0.0.1:9"}]', f"{{balancer: {balancer}, targets: [{urls}]"
+    )
+
+
+async def drive(requests: int, targets: int = 0, balancer: str = "round_robin") -> float:
+    """Proxy ``requests`` GETs; return the seconds spent. With ``targets`` (>= 1), through a
+    balancer over that many targets, each with a pooled connection; the response is fed to
+    the connection the request went to (three attribute reads more per request)."""
+    text = CONFIG if not targets else balanced_config(targets, balancer)
+    config, source = load_text(text, default_registry())
     runtime = compile_config(config, source)
     state = ServerState(runtime)
-    target = runtime.targets()[0]
-    upstream = UpstreamConnection(target)
-    upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
-    target.pool.release(upstream, state.now)
+    upstreams = []
+    for target in runtime.targets():
+        upstream = UpstreamConnection(target)
+        upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
+        target.pool.release(upstream, state.now)
+        upstreams.append(upstream)
+    upstream = upstreams[0]
     client = ClientConnection(state)
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
     for _ in range(100):  # warm up
         client.data_received(REQUEST)
-        upstream.data_received(RESPONSE)
+        active = client.active
+        assert active is not None and active.upstream is not None
+        active.upstream.data_received(RESPONSE)
     client_transport.writes = 0
     start = time.perf_counter()
-    for _ in range(requests):
-        client.data_received(REQUEST)
-        upstream.data_received(RESPONSE)
+    if not targets:
+        for _ in range(requests):
+            client.data_received(REQUEST)
+            upstream.data_received(RESPONSE)
+    else:
+        for _ in range(requests):
+            client.data_received(REQUEST)
+            client.active.upstream.data_received(RESPONSE)  # type: ignore[union-attr]
     elapsed = time.perf_counter() - start
     if client_transport.writes != requests:
         raise RuntimeError(f"{client_transport.writes} responses for {requests} requests")
     return elapsed
 
 
-def _instructions(requests: int) -> int:
+def _instructions(requests: int, extra: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         subprocess.run(
@@ -130,6 +153,7 @@ def _instructions(requests: int) -> int:
                 str(requests),
                 "--runs",
                 "1",
+                *extra,
             ],
             check=True,
             capture_output=True,
@@ -157,26 +181,36 @@ def main() -> int:
         action="store_true",
         help="instructions per request under valgrind (deterministic)",
     )
+    parser.add_argument(
+        "--targets",
+        type=int,
+        default=0,
+        help="balance over this many targets (0: the plain single-target upstream)",
+    )
+    parser.add_argument("--balancer", default="round_robin", help="with --targets")
     args = parser.parse_args()
+    extra = ["--targets", str(args.targets), "--balancer", args.balancer] if args.targets else []
     if args.callgrind:
         if shutil.which("valgrind") is None:
             print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
             return 1
         n = 3000
-        base, loaded = _instructions(0), _instructions(n)
+        base, loaded = _instructions(0, extra), _instructions(n, extra)
         print(f"{(loaded - base) / n:,.0f} instructions per proxied request (python side)")
         return 0
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        uvloop.run(drive(args.requests))
+        uvloop.run(drive(args.requests, args.targets, args.balancer))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0))
+        uvloop.run(drive(0, args.targets, args.balancer))
         return 0
-    best = min(uvloop.run(drive(args.requests)) for _ in range(args.runs))
+    best = min(
+        uvloop.run(drive(args.requests, args.targets, args.balancer)) for _ in range(args.runs)
+    )
     print(
         f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
         f"{args.runs})"

@@ -127,21 +127,25 @@ def write_upstream_config(directory: Path, port: int, workers: int) -> Path:
 def write_proxy_config(
     directory: Path, port: int, workers: int, upstreams: dict[str, int], scenarios: list[Scenario]
 ) -> Path:
-    """The reference reverse proxy: one location per scenario path to its upstream."""
+    """The reference reverse proxy: one location per scenario path to its upstream (a
+    multi-target scenario's upstream lists the stub that many times, as the gateway's does)."""
+    servers = {name: [up_port] for name, up_port in upstreams.items()}
+    for s in scenarios:
+        if s.targets > 1:
+            servers[s.upstream_name] = [upstreams[s.upstream]] * s.targets
     blocks = "".join(
         f"""
-    upstream {name} {{
-        server 127.0.0.1:{up_port};
+    upstream {name} {{{"".join(f"{chr(10)}        server 127.0.0.1:{p};" for p in ports)}
         keepalive 1024;
         keepalive_requests 10000;
         keepalive_timeout 60s;
     }}"""
-        for name, up_port in upstreams.items()
+        for name, ports in servers.items()
     )
     locations = "".join(
         f"""
         location {s.path} {{
-            proxy_pass http://{s.upstream};{s.nginx_location}
+            proxy_pass http://{s.upstream_name};{s.nginx_location}
         }}"""
         for s in scenarios
     )

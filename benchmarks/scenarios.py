@@ -45,6 +45,10 @@ class Scenario:
     idle_connections: int = 0
     #: Which stub upstream the route goes to (``static`` or ``llm``).
     upstream: Literal["static", "llm"] = "static"
+    #: Targets the route balances over: that many entries for the same stub (the balancer's
+    #: cost, not the stub's, is what a multi-target scenario measures; nginx gets the same).
+    targets: int = 1
+    balancer: str = "round_robin"
     #: Extra gateway route fields (``plugins``, ``max_body_size``, ...).
     route: dict[str, Any] = field(default_factory=dict)
     #: Extra nginx directives for this path's ``location`` in the reference proxy, where nginx
@@ -57,10 +61,17 @@ class Scenario:
         route: dict[str, Any] = {
             "name": self.name,
             "match": {"path_prefix": self.path},
-            "upstream": self.upstream,
+            "upstream": self.upstream_name,
         }
         route.update(self.route)
         return route
+
+    @property
+    def upstream_name(self) -> str:
+        """The upstream in the proxies' configs: the stub's, or one balancing over it."""
+        if self.targets == 1:
+            return self.upstream
+        return f"{self.upstream}_{self.balancer}_x{self.targets}"
 
     @property
     def locust_class(self) -> str:
@@ -84,6 +95,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "keepalive_200", "200 concurrent keep-alive connections", path="/keepalive",
         connections=200,
+    ),
+    Scenario(
+        "balanced_get", "plain GET balanced over 3 targets (round_robin)", path="/balanced",
+        targets=3,
     ),
     Scenario(
         "idle_2000", "2,000 idle keep-alive connections (RSS)", kind="idle", path="/idle",

@@ -25,7 +25,7 @@ from gateway.upstream.health import ActiveCheck, HealthPolicy, Outlier
 from gateway.upstream.pool import Pool
 from gateway.upstream.retry import RetryBudget, RetryPolicy
 from gateway.upstream.stats import UpstreamStats
-from gateway.upstream.target import Target, Upstream, UpstreamTimeouts
+from gateway.upstream.target import UNLIMITED, Target, Upstream, UpstreamTimeouts
 
 BUILTIN_ECHO = "builtin:echo"
 
@@ -180,13 +180,15 @@ class _Compiler:
 
     def upstream(self, name: str, uc: UpstreamConfig, specs: tuple[TargetSpec, ...]) -> Upstream:
         cb = uc.circuit_breaker
-        limit = min(cb.max_connections, cb.max_pending)
+        # One request per HTTP/1.1 connection: connections in use are requests in flight, and
+        # idle ones are reused before any is opened, so one counter enforces both limits.
+        limit = min(cb.max_connections or UNLIMITED, cb.max_pending or UNLIMITED)
         ka = uc.keepalive
 
         def make_target(spec: TargetSpec, address: str) -> Target:
             pool = Pool(
                 f"{name}/{spec.index}",
-                min(ka.max_idle, cb.max_connections),
+                min(ka.max_idle, cb.max_connections or UNLIMITED),
                 ka.idle_timeout,
                 ka.max_requests,
             )
@@ -230,8 +232,8 @@ class _Compiler:
         if rc.attempts > 1:
             retry = RetryPolicy(
                 rc.attempts,
-                frozenset(c for c in rc.on if isinstance(c, str)),
-                frozenset(c for c in rc.on if isinstance(c, int)),
+                frozenset(c for c in rc.retry_on if isinstance(c, str)),
+                frozenset(c for c in rc.retry_on if isinstance(c, int)),
                 RetryBudget(rc.budget, rc.min_per_second),
                 rc.backoff.base,
                 max(rc.backoff.max, rc.backoff.base),

@@ -122,7 +122,7 @@ RetryCondition = Literal["connect_failure", "reset", "timeout"]
 
 class RetryConfig(Strict):
     attempts: int = Field(default=2, ge=1, le=10)
-    on: list[RetryCondition | Annotated[int, Field(ge=500, le=599)]] = [
+    retry_on: list[RetryCondition | Annotated[int, Field(ge=500, le=599)]] = [
         "connect_failure",
         "reset",
         502,
@@ -136,8 +136,8 @@ class RetryConfig(Strict):
 
 
 class CircuitBreakerConfig(Strict):
-    max_connections: int = Field(default=10_000, ge=1)
-    max_pending: int = Field(default=10_000, ge=1)
+    max_connections: int | None = Field(default=None, ge=1)
+    max_pending: int | None = Field(default=None, ge=1)
 
 
 class UpstreamConfig(Strict):

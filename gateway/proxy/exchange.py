@@ -82,6 +82,9 @@ class Exchange:
         "vars",
     )
 
+    #: Set on the first retry only (gateway.upstream.retry); read with getattr.
+    tried: tuple[Target, ...]
+
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.url = b""
@@ -116,10 +119,10 @@ class Exchange:
         self.reply_code = ""
         self.pending_error = ""
         self.retries = 0
-        # Retries (gateway.upstream.retry): the body kept for replay, the targets tried, and
-        # when the first attempt began (for the upstream's total timeout).
+        # Retries (gateway.upstream.retry): the body kept for replay; when the sweep first saw
+        # the exchange in its upstream phase (for the total timeout). ``tried`` (the targets
+        # of failed attempts) is set on the first retry only: read it with getattr.
         self.replay: list[bytes] | None = None
-        self.tried: tuple[Target, ...] = ()
         self.upstream_since = 0.0
         self.plugins_ran = 0
         self.plugins_since = 0.0  # when the async request plugins started

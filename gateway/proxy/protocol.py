@@ -550,14 +550,14 @@ class ClientConnection(asyncio.Protocol):
         route = ex.route
         assert route is not None
         upstream = route.upstream
-        target = upstream.pick(ex)
-        if target is None:  # all down with all_down: fail_fast, or every circuit open
-            self.send_reply(ex, Reply.error(upstream.refusal))
-            return
+        target = upstream.single  # one target and no limit: nothing to decide (no call)
+        if target is None:
+            target = upstream.pick(ex)
+            if target is None:  # all down with all_down: fail_fast, or every circuit open
+                self.send_reply(ex, Reply.error(upstream.refusal))
+                return
         ex.upstream_target = target
-        if route.timeouts.total:
-            ex.upstream_since = self.server.now
-        if ex.body_kind != BODY_NONE:
+        if ex.body_kind:  # not BODY_NONE
             retry = upstream.retry
             if retry is not None and retry.wants_replay(ex):
                 ex.replay = list(ex.body_buf) if ex.body_buf is not None else []
@@ -1000,9 +1000,13 @@ class ClientConnection(asyncio.Protocol):
             return
         up = ex.upstream
         route = ex.route
+        if not ex.upstream_since and ex.upstream_target is not None:
+            # The upstream phase's start, stamped here rather than per request: the sweep's
+            # granularity is the timeouts' anyway.
+            ex.upstream_since = now
         if (
-            ex.upstream_since
-            and route is not None
+            route is not None
+            and route.timeouts.total
             and not ex.response_started
             and now - ex.upstream_since > route.timeouts.total
         ):

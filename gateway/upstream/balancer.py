@@ -9,9 +9,9 @@ is the per-request call and must stay cheap: no allocation, no string-keyed look
 Strategies are registered by name in ``BALANCERS`` (``upstreams.<name>.balancer``):
 
 - ``round_robin``: smooth weighted round-robin, as nginx does it.
-- ``least_conn``: fewest requests in flight relative to weight; ties rotate.
-- ``p2c_ewma``: power of two choices (two weighted-random candidates) over a peak-EWMA
-  latency x (in-flight + 1) / weight score (Finagle's and Linkerd's balancer).
+- ``least_conn``: fewest requests in flight relative to weight; ties by weighted round-robin.
+- ``p2c_ewma``: power of two choices (two candidates drawn by weight) over a peak-EWMA
+  latency x (in-flight + 1) score (Finagle's and Linkerd's balancer).
 - ``consistent_hash``: a hash ring (160 points per unit of reduced weight) keyed on the client
   IP, a header, a cookie, a JWT claim or the path; adding or removing one of N targets moves
   about 1/N of the keys.
@@ -106,10 +106,13 @@ class RoundRobin(Balancer):
         self._next = self._rng.randrange(self._n)
 
     def pick(self, ex: Exchange) -> Target:
+        return self.targets[self.pick_index()]
+
+    def pick_index(self) -> int:
         if self._equal:  # all weights equal: a counter is enough
             i = self._next
             self._next = (i + 1) % self._n
-            return self.targets[i]
+            return i
         current = self._current
         weights = self.weights
         best = 0
@@ -118,15 +121,16 @@ class RoundRobin(Balancer):
             if current[i] > current[best]:
                 best = i
         current[best] -= self._total
-        return self.targets[best]
+        return best
 
 
 class LeastConn(Balancer):
     """Fewest requests in flight (sent, or waiting for a new connection) per unit of weight.
-    Ties go to the first one found after a rotating start, so equal targets share the load."""
+    Ties are broken by smooth weighted round-robin, as nginx does: under light load (all
+    idle) the shares follow the weights exactly."""
 
     name = "least_conn"
-    __slots__ = ("_n", "_next")
+    __slots__ = ("_n", "_rr")
 
     def __init__(
         self,
@@ -137,32 +141,34 @@ class LeastConn(Balancer):
     ) -> None:
         super().__init__(targets, weights, key, rng)
         self._n = len(self.targets)
-        self._next = self._rng.randrange(self._n)
+        self._rr = RoundRobin(self.targets, self.weights, rng=self._rng)
 
     def pick(self, ex: Exchange) -> Target:
         n = self._n
-        start = self._next
-        self._next = start + 1 if start + 1 < n else 0
+        start = self._rr.pick_index()
         targets = self.targets
         weights = self.weights
         best = targets[start]
-        # Compare (load + 1) / weight without dividing: a/b < c/d  <=>  a*d < c*b.
-        best_load = best.in_flight + best.connecting + 1
+        # Compare load / weight without dividing: a/b < c/d  <=>  a*d < c*b.
+        best_load = best.in_flight + best.connecting
+        if not best_load:
+            return best
         best_w = weights[start]
         for k in range(1, n):
             i = start + k
             if i >= n:
                 i -= n
             t = targets[i]
-            load = t.in_flight + t.connecting + 1
+            load = t.in_flight + t.connecting
             if load * best_w < best_load * weights[i]:
                 best, best_load, best_w = t, load, weights[i]
         return best
 
 
 class P2CEwma(Balancer):
-    """Power of two choices: draw two distinct targets (weighted), keep the lower score,
-    score = peak-EWMA latency x (in flight + 1) / weight. A slow target's latency estimate
+    """Power of two choices: draw two distinct targets (with probability by weight: weights
+    decide who is considered), keep the one with the lower score, peak-EWMA latency x
+    (in flight + 1). A slow target's latency estimate
     jumps at once (peak) and decays over ``EWMA_DECAY`` seconds (gateway.upstream.target), so
     it is avoided while slow and tried again after."""
 
@@ -193,8 +199,8 @@ class P2CEwma(Balancer):
             b = (a + 1 + int(self._rng.random() * (n - 1))) % n
         ta, tb = self.targets[a], self.targets[b]
         now = self._clock()
-        sa = ta.decayed_latency(now) * (ta.in_flight + ta.connecting + 1) * self.weights[b]
-        sb = tb.decayed_latency(now) * (tb.in_flight + tb.connecting + 1) * self.weights[a]
+        sa = ta.decayed_latency(now) * (ta.in_flight + ta.connecting + 1)
+        sb = tb.decayed_latency(now) * (tb.in_flight + tb.connecting + 1)
         return ta if sa <= sb else tb
 
 

@@ -34,8 +34,6 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from gateway.upstream.health import passive_failure
-
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
     from gateway.upstream.target import Target
@@ -179,13 +177,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._interim = False
         target = self.target
-        if status >= 500:
-            passive_failure(target)
-        elif target.fails:
-            target.fails = 0
-        if target.track_latency:
-            now = time.monotonic()
-            target.observe_latency(now - self.sent_at, now)
+        if status >= target.watch_from:  # a 5xx, or failures to reset, or latency to record
+            target.observe_response(status, self.sent_at)
         if ex.method == b"HEAD" or status == 204 or status == 304:
             self.framing = FRAMING_NONE
         elif self._chunked:

@@ -125,6 +125,7 @@ def _schedule_slow_start(up: Upstream) -> None:
 def passive_failure(t: Target) -> None:
     """A failed exchange (connect failure or timeout, reset, read timeout, 5xx)."""
     t.fails += 1
+    t.watch_from = 0  # the next response resets the count
     up = t.upstream
     if up is None or up.health is None:
         return

@@ -3,21 +3,22 @@ asyncio; the client protocol schedules the attempt this module chooses.
 
 A request is retried only when all of these hold (docs/load-balancing.md):
 
-- the failure is one of the upstream's ``retries.on`` conditions (``connect_failure``,
+- the failure is one of the upstream's ``retries.retry_on`` conditions (``connect_failure``,
   ``reset``, ``timeout``, or a status such as 502, 503, 504);
 - nothing of the response has reached the client (a 5xx is intercepted before its head is
   sent on);
 - the method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or the request carries
-  ``Idempotency-Key``;
+  ``Idempotency-Key`` -- or the connect failed, so that nothing was sent (as nginx does);
 - the body can be replayed: none, or every byte received so far kept in ``ex.replay`` (up to
   ``retries.max_body``; a larger body is streamed and never retried), or it never left the
   gateway (the connect failed);
-- attempts remain (``retries.attempts`` counts the first one), and a target that this
-  request has not tried is available with room under its limit;
+- attempts remain (``retries.attempts`` counts the first one, one attempt per target), and
+  a target that this request has not tried is available with room under its limit;
 - the **retry budget** has a token: each request through the balancer deposits ``budget``
-  tokens (20% by default) and ``min_per_second`` accrue per second, up to a small cap; a
-  retry takes one. In a full outage retries are therefore at most about ``budget`` x requests,
-  and an outage cannot multiply the load on the upstream.
+  tokens (20% by default) and ``min_per_second`` accrue per second (one second's worth at
+  start), up to a cap of ``max(10, 10 x min_per_second)``; a retry takes one. In a full
+  outage retries are therefore at most about ``budget`` x requests: an outage cannot
+  multiply the load on the upstream.
 
 The backoff before a retry is "full jitter": uniform in [0, min(max, base x 2^(n-1))].
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 IDEMPOTENCY_KEY = b"idempotency-key"
 
-#: Failure codes and the ``retries.on`` condition each one is.
+#: Failure codes and the ``retries.retry_on`` condition each one is.
 CONDITIONS = {
     "upstream_connect_failed": "connect_failure",
     "upstream_connect_timeout": "connect_failure",
@@ -64,7 +65,7 @@ class RetryBudget:
         self.min_per_second = min_per_second
         # Enough for a burst after a quiet spell, never enough to amplify an outage.
         self.cap = max(10.0, 10 * min_per_second)
-        self.tokens = 0.0
+        self.tokens = min(self.cap, min_per_second)  # a second's worth of the floor to start
         self._seen = 0
         self._last = -1.0
         self.refused = 0
@@ -156,21 +157,26 @@ def failover(
         fresh = up.pick(ex)
         return (fresh, 0.0) if fresh is not None else None
     policy = up.retry
-    if policy is None or ex.retries + 1 >= policy.attempts:
+    if policy is None:
+        return None
+    # The targets of the attempts that count (not stale-connection ones); unset until the
+    # first retry, so that a request pays nothing for it (gateway.proxy.exchange).
+    tried: tuple[Target, ...] = getattr(ex, "tried", ())
+    if target is not None and target not in tried:
+        tried = (*tried, target)
+    if len(tried) >= policy.attempts:
         return None
     if status:
         if status not in policy.statuses:
             return None
     elif CONDITIONS.get(code) not in policy.conditions:
         return None
-    if not (ex.method in IDEMPOTENT or IDEMPOTENCY_KEY in ex.headers):
+    # A failed connect sent nothing: any method may go elsewhere (as nginx does).
+    if conn is not None and not (ex.method in IDEMPOTENT or IDEMPOTENCY_KEY in ex.headers):
         return None
     # The body: none; or never sent (a failed connect keeps it in body_buf); or kept whole.
     if ex.body_kind != BODY_NONE and conn is not None and ex.replay is None:
         return None
-    tried = ex.tried
-    if target is not None and target not in tried:
-        tried = (*tried, target)
     ex.tried = tried
     nxt = up.pick_other(ex, tried)
     if nxt is None:

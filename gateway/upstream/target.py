@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.upstream.balancer import Balancer, KeyFunction, RoundRobin
 from gateway.upstream.discovery import TargetFactory, TargetSpec, refresh, refresh_loop
-from gateway.upstream.health import check_loop
+from gateway.upstream.health import check_loop, passive_failure
 from gateway.upstream.pool import Pool
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class Target:
         "track_latency",
         "up_since",
         "upstream",
+        "watch_from",
         "weight",
     )
 
@@ -97,6 +98,9 @@ class Target:
         self.connecting = 0
         self.connections = 0
         self.track_latency = False
+        #: Response statuses from which ``observe_response`` runs: 500 (passive health sees
+        #: only failures), or 0 while failures are counted or latency is tracked.
+        self.watch_from = 500
         self.ewma = EWMA_INITIAL
         self.ewma_at = 0.0
         # Health (gateway.upstream.health owns these transitions).
@@ -123,6 +127,17 @@ class Target:
     @property
     def available(self) -> bool:
         return self.healthy and not self.ejected
+
+    def observe_response(self, status: int, sent_at: float) -> None:
+        """A response head from this target: passive health, and latency for p2c_ewma."""
+        if self.track_latency:
+            now = time.monotonic()
+            self.observe_latency(now - sent_at, now)
+        if status >= 500:
+            passive_failure(self)
+        elif self.fails:
+            self.fails = 0
+        self.watch_from = 0 if self.track_latency or self.fails else 500
 
     def observe_latency(self, seconds: float, now: float) -> None:
         """Peak EWMA (Finagle's): a slower sample replaces the estimate at once; faster ones
@@ -251,8 +266,8 @@ class Upstream:
 
     # -- the hot path ----------------------------------------------------------------------
     def pick(self, ex: Exchange) -> Target | None:
-        t = self.single
-        if t is not None and t.in_flight + t.connecting < t.limit:
+        t = self.single  # one target, no circuit-breaker limit: nothing to decide
+        if t is not None:
             return t
         return self._pick(ex)
 
@@ -291,6 +306,7 @@ class Upstream:
         for t in targets:
             t.upstream = self
             t.track_latency = self.balancer_class.needs_latency
+            t.watch_from = 0 if t.track_latency else 500
         self.targets = targets
         self.rebuild()
 
@@ -315,7 +331,9 @@ class Upstream:
             now = time.monotonic() if now is None else now
             weights = [policy.slow_start_weight(t, now) for t in available]
         self.balancer = self.balancer_class(available, weights, self.hash_key)
-        self.single = available[0] if len(targets) == 1 else None
+        self.single = (
+            available[0] if len(targets) == 1 and available[0].limit == UNLIMITED else None
+        )
 
     def available_targets(self) -> list[Target]:
         return [t for t in self.targets if t.available]

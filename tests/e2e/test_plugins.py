@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,23 +15,17 @@ import h11
 import pytest
 
 from tests.support.client import Conn, Response, parse_responses, raw_exchange, request
-from tests.support.procs import ROOT, GatewayProcess, UpstreamProcess, free_port, run_cli
+from tests.support.procs import (
+    ROOT,
+    GatewayProcess,
+    UpstreamProcess,
+    free_port,
+    run_cli,
+    wait_for,
+)
 
 APP = "https://app.example.com"
 EVIL = "https://evil.example"
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll until ``predicate()`` is truthy (the log phase runs after the response is sent,
-    so its effects are waited for, not assumed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def upstream_saw(upstream: UpstreamProcess, target: str) -> list[dict[str, Any]]:

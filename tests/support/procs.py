@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on port {port}")
 
 
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll until ``predicate()`` is truthy and return its value (effects that happen in
+    another process are waited for, not assumed; timing is never asserted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -46,12 +60,13 @@ def _env() -> dict[str, str]:
 
 
 class UpstreamProcess:
-    """``tests.support.upstream_server`` in its own process."""
+    """``tests.support.upstream_server`` in its own process: on ``port`` (a free one by
+    default; pass a stopped one's to restart it), answering after ``delay`` seconds."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None, delay: float = 0.0) -> None:
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.upstream_server", str(self.port)],
+            [sys.executable, "-m", "tests.support.upstream_server", str(self.port), str(delay)],
             cwd=ROOT,
             env=_env(),
             stdout=subprocess.DEVNULL,
@@ -76,6 +91,18 @@ class UpstreamProcess:
         from tests.support.client import request
 
         request(self.port, "POST", "/__reset")
+
+    def set_health(self, status: int) -> None:
+        """What its ``/__health`` answers from now on."""
+        from tests.support.client import request
+
+        request(self.port, "POST", f"/__health/set/{status}")
+
+    def fail_with(self, status: int) -> None:
+        """Answer every request with ``status`` from now on (0: serve normally again)."""
+        from tests.support.client import request
+
+        request(self.port, "POST", f"/__fail/set/{status}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -3,7 +3,11 @@ parser), with misbehaviours on demand. Run as ``python -m tests.support.upstream
 
 Every request it receives is recorded; ``GET /__received`` returns them as JSON and
 ``POST /__reset`` clears them (these two are meant to be called directly, not through the
-gateway). Paths (query parameters in brackets):
+gateway). ``/__health`` answers the status last set with ``/__health/set/NNN`` (200 at
+first): a health-check endpoint a test can fail and restore; after ``/__fail/set/NNN``
+every request is answered with status NNN (0: normally again). An optional second argument is
+a delay in seconds before every other response (a slow target). Paths (query parameters in
+brackets):
 
 /echo (any other path too)  200 JSON: method, target, headers, body_len, body_sha256, body
 /status/NNN                 that status
@@ -39,6 +43,9 @@ import h11
 
 RECEIVED: list[dict[str, Any]] = []
 CONNECTIONS = {"count": 0}
+HEALTH = {"status": 200}
+FAIL = {"status": 0}
+DELAY = {"seconds": 0.0}
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 
 
@@ -102,8 +109,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 "body": kept.decode("latin-1"),
             }
             parts = urlsplit(target)
-            if parts.path not in ("/__received", "/__reset"):
+            if not parts.path.startswith("/__"):
                 RECEIVED.append(record)
+                if DELAY["seconds"]:
+                    await asyncio.sleep(DELAY["seconds"])
             keep_going = await respond(
                 writer, conn, request, parts.path, parse_qs(parts.query), record
             )
@@ -137,6 +146,20 @@ async def respond(
         RECEIVED.clear()
         CONNECTIONS["count"] = 0
         await _simple(writer, conn, 200, b"{}", head)
+        return True
+    if path.startswith("/__health/set/"):
+        HEALTH["status"] = int(path.rsplit("/", 1)[1])
+        await _simple(writer, conn, 200, b"{}", head)
+        return True
+    if path.startswith("/__fail/set/"):
+        FAIL["status"] = int(path.rsplit("/", 1)[1])
+        await _simple(writer, conn, 200, b"{}", head)
+        return True
+    if FAIL["status"] and not path.startswith("/__"):
+        await _simple(writer, conn, FAIL["status"], b"failing on purpose\n", head)
+        return True
+    if path == "/__health":
+        await _simple(writer, conn, HEALTH["status"], b"health\n", head)
         return True
     if path.startswith("/status/"):
         status = int(path.split("/")[2])
@@ -296,10 +319,14 @@ async def _simple(
     headers = [(b"content-type", content_type)]
     if status not in (204, 304) and status >= 200:
         headers.append((b"content-length", str(len(body)).encode()))
-    await _send(writer, conn, h11.Response(status_code=status, headers=headers))
+    # One write for the whole response, as servers do for small ones: a test that kills
+    # this process under load then never catches it between the head and the body.
+    data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
     if body and not head and status not in (204, 304):
-        await _send(writer, conn, h11.Data(data=body))
-    await _send(writer, conn, h11.EndOfMessage())
+        data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    writer.write(data)
+    await writer.drain()
 
 
 async def main(port: int) -> None:
@@ -310,6 +337,7 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
+    DELAY["seconds"] = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     try:
         asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
     except KeyboardInterrupt:

@@ -126,16 +126,17 @@ def test_random_honours_weights(weights: list[int]) -> None:
 def test_least_conn_picks_the_least_loaded_relative_to_weight() -> None:
     ts = targets(1, 1, 2)
     b = LeastConn(ts, rng=random.Random(1))
-    ts[0].in_flight, ts[1].in_flight, ts[2].in_flight = 3, 1, 3
-    assert b.pick(EX) is ts[1]  # loads+1 per weight: 4, 2, 2 -> tie between 1 and 2
-    ts[1].connecting = 2  # a connection being opened counts as load
-    assert b.pick(EX) is ts[2]  # 4, 4, 2
+    ts[0].in_flight, ts[1].in_flight, ts[2].in_flight = 3, 2, 3
+    assert b.pick(EX) is ts[2]  # loads per weight: 3, 2, 1.5
+    ts[2].connecting = 2  # a connection being opened counts as load
+    assert b.pick(EX) is ts[1]  # 3, 2, 2.5
 
 
-def test_least_conn_rotates_between_equal_targets() -> None:
-    ts = targets(1, 1, 1)
+def test_least_conn_ties_follow_the_weights() -> None:
+    ts = targets(1, 2, 3)
     b = LeastConn(ts, rng=random.Random(1))
-    assert {b.pick(EX) for _ in range(3)} == set(ts)
+    counts = Counter(b.pick(EX) for _ in range(600))  # all idle: every pick is a tie
+    assert [counts[t] for t in ts] == [100, 200, 300]
 
 
 def test_least_conn_steers_away_from_a_slow_target() -> None:
@@ -284,9 +285,11 @@ def upstream(
 
 
 def test_single_target_skips_the_balancer() -> None:
-    ts = targets(1, limit=2)
+    ts = targets(1)
+    assert upstream(ts).single is ts[0]
+    ts = targets(1, limit=2)  # a circuit-breaker limit to check: through the balancer
     up = upstream(ts)
-    assert up.single is ts[0] and up.pick(EX) is ts[0]
+    assert up.single is None and up.pick(EX) is ts[0]
     ts[0].in_flight = 2  # at its limit: the circuit is open
     assert up.pick(EX) is None and up.refusal == "upstream_overloaded"
 
@@ -367,7 +370,9 @@ def test_ejection_time_grows_with_repeated_ejections(monkeypatch: pytest.MonkeyP
 def test_active_check_thresholds_both_ways() -> None:
     ts = targets(1, 1)
     up = upstream(ts)
-    check = health.ActiveCheck("/h", 1, 1, healthy=2, unhealthy=3, statuses=frozenset({200}), jitter=0)
+    check = health.ActiveCheck(
+        "/h", 1, 1, healthy=2, unhealthy=3, statuses=frozenset({200}), jitter=0
+    )
     for _ in range(2):
         health.check_result(ts[0], False, check)
     assert ts[0].healthy
@@ -405,5 +410,5 @@ def test_retry_budget_is_a_share_of_requests() -> None:
 
 def test_retry_budget_floor_accrues_with_time() -> None:
     budget = RetryBudget(0.0, min_per_second=2)
-    assert not budget.withdraw(0, now=0.0)
+    assert [budget.withdraw(0, now=0.0) for _ in range(3)] == [True, True, False]
     assert [budget.withdraw(0, now=1.0) for _ in range(3)] == [True, True, False]
