@@ -282,5 +282,3 @@ def test_error_table() -> None:
     for code, (status, message) in ERRORS.items():
         assert 400 <= status < 600 and message, code
         assert code.isidentifier() and code == code.lower()
-
-
