@@ -18,12 +18,21 @@ GatewayFactory = Callable[..., GatewayProcess]
 CHECK = {"path": "/__health", "interval": "150ms", "timeout": "1s", "healthy": 2, "unhealthy": 2}
 
 
-@pytest.fixture
-def pair() -> Iterator[list[UpstreamProcess]]:
+@pytest.fixture(scope="module")
+def two() -> Iterator[list[UpstreamProcess]]:
     ups = [UpstreamProcess(), UpstreamProcess()]
     yield ups
     for u in ups:
         u.stop()
+
+
+@pytest.fixture
+def pair(two: list[UpstreamProcess]) -> list[UpstreamProcess]:
+    """The module's two upstreams, healthy and serving normally."""
+    for u in two:
+        u.set_health(200)
+        u.fail_with(0)
+    return two
 
 
 def config(ups: list[UpstreamProcess], **extra: Any) -> dict[str, Any]:

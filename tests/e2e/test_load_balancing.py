@@ -30,8 +30,17 @@ def three() -> Iterator[list[UpstreamProcess]]:
 
 
 @pytest.fixture
+def ups(three: list[UpstreamProcess]) -> list[UpstreamProcess]:
+    """The module's three upstreams, serving normally with nothing recorded."""
+    for u in three:
+        u.fail_with(0)
+        u.reset()
+    return three
+
+
+@pytest.fixture
 def fresh_three() -> Iterator[list[UpstreamProcess]]:
-    """Three upstreams a test may kill, restart or make fail."""
+    """Three upstreams a test may kill and restart."""
     ups = [UpstreamProcess() for _ in range(3)]
     yield ups
     for u in ups:
@@ -48,32 +57,30 @@ def counts(ups: list[UpstreamProcess]) -> list[int]:
 
 
 # -- distribution -------------------------------------------------------------------------------
-@pytest.mark.parametrize("balancer", ["round_robin", "least_conn", "random", "p2c_ewma"])
+@pytest.mark.parametrize("balancer", ["round_robin", "least_conn", "random"])
 def test_weights_are_honoured(
-    start_gateway: GatewayFactory, three: list[UpstreamProcess], balancer: str
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess], balancer: str
 ) -> None:
     weights = [1, 2, 3]
-    gw = start_gateway(lb_config(three, weights, balancer=balancer))
-    reset(three)
-    n = 1200
+    gw = start_gateway(lb_config(ups, weights, balancer=balancer))
+    reset(ups)
+    n = 600
     with Conn(gw.port) as c:
         for _ in range(n):
             assert c.request("GET", "/echo").status == 200
-    got = counts(three)
+    got = counts(ups)
     assert sum(got) == n
-    if balancer in ("round_robin", "least_conn"):  # one request at a time: exact shares
-        assert got == [200, 400, 600]
-    elif balancer == "random":
+    if balancer == "random":
         for count, w in zip(got, weights, strict=True):
             p = w / 6
             assert abs(count - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, got
-    else:  # p2c: weights decide which two are drawn, latency between them
-        assert n * 0.05 < got[0] < got[1] < got[2], got
+    else:  # one request at a time: exact shares
+        assert got == [100, 200, 300]
 
 
 @pytest.mark.parametrize("balancer", ["least_conn", "p2c_ewma"])
 def test_slow_target_gets_less(start_gateway: GatewayFactory, balancer: str) -> None:
-    slow = UpstreamProcess(delay=0.1)
+    slow = UpstreamProcess(delay=0.05)
     fast = [UpstreamProcess(), UpstreamProcess()]
     ups = [slow, *fast]
     try:
@@ -82,7 +89,7 @@ def test_slow_target_gets_less(start_gateway: GatewayFactory, balancer: str) -> 
 
         def client() -> None:
             with Conn(gw.port) as c:
-                for _ in range(25):
+                for _ in range(15):
                     status = c.request("GET", "/echo").status
                     if status != 200:
                         errors.append(status)
@@ -94,8 +101,8 @@ def test_slow_target_gets_less(start_gateway: GatewayFactory, balancer: str) -> 
             t.join(60)
         assert not errors
         got = counts(ups)
-        assert sum(got) == 150
-        # round-robin would give the slow target a third (50); these send it far fewer
+        assert sum(got) == 90
+        # round-robin would give the slow target a third (30); these send it far fewer
         assert got[0] < 0.15 * sum(got), got
     finally:
         for u in ups:
@@ -103,10 +110,10 @@ def test_slow_target_gets_less(start_gateway: GatewayFactory, balancer: str) -> 
 
 
 def test_consistent_hash_keeps_a_key_on_one_target(
-    start_gateway: GatewayFactory, three: list[UpstreamProcess]
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess]
 ) -> None:
     gw = start_gateway(
-        lb_config(three, balancer="consistent_hash", hash_on="header", hash_key="x-user")
+        lb_config(ups, balancer="consistent_hash", hash_on="header", hash_key="x-user")
     )
     owners: dict[str, set[str]] = {}
     with Conn(gw.port) as c:
@@ -173,10 +180,10 @@ def test_killing_a_target_under_load(
         victim = ups[1]
         victim.stop()  # killed under load
         seen = sum(gets.values())
-        wait_for(lambda: sum(gets.values()) > seen + 300, "traffic after the kill", 20)
+        wait_for(lambda: sum(gets.values()) > seen + 200, "traffic after the kill", 20)
         ups[1] = UpstreamProcess(port=victim.port)  # restarted: back in rotation by itself
         restarted = ups[1]
-        wait_for(lambda: len(restarted.received()) > 20, "the restarted target to serve", 20)
+        wait_for(lambda: len(restarted.received()) > 10, "the restarted target to serve", 20)
     finally:
         stop.set()
         for t in threads:
@@ -190,9 +197,8 @@ def test_killing_a_target_under_load(
 
 
 def test_which_requests_are_retried(
-    start_gateway: GatewayFactory, fresh_three: list[UpstreamProcess]
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess]
 ) -> None:
-    ups = fresh_three
     for u in ups:
         u.fail_with(503)
     gw = start_gateway(
@@ -216,9 +222,9 @@ def test_which_requests_are_retried(
 
 
 def test_retried_body_arrives_whole(
-    start_gateway: GatewayFactory, fresh_three: list[UpstreamProcess]
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess]
 ) -> None:
-    ups = fresh_three[:2]
+    ups = ups[:2]
     ups[0].fail_with(503)
     gw = start_gateway(lb_config(ups, outlier_detection={"consecutive_failures": 0}))
     big = bytes(range(256)) * 200  # 51,200 bytes: under retries.max_body (64k)
@@ -236,9 +242,8 @@ def test_retried_body_arrives_whole(
 
 
 def test_retry_budget_caps_retries_in_a_full_outage(
-    start_gateway: GatewayFactory, fresh_three: list[UpstreamProcess]
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess]
 ) -> None:
-    ups = fresh_three
     for u in ups:
         u.fail_with(503)
     gw = start_gateway(
@@ -259,9 +264,9 @@ def test_retry_budget_caps_retries_in_a_full_outage(
 
 
 def test_circuit_breaker_trips_at_the_pending_limit(
-    start_gateway: GatewayFactory, fresh_three: list[UpstreamProcess]
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess]
 ) -> None:
-    up = fresh_three[0]
+    up = ups[0]
     gw = start_gateway(
         lb_config([up], circuit_breaker={"max_pending": 2}, timeouts={"read": "30s"})
     )
@@ -292,10 +297,10 @@ def test_route_timeouts_override_the_upstream_ones(
 
 
 def test_total_timeout_bounds_the_upstream_phase(
-    start_gateway: GatewayFactory, fresh_three: list[UpstreamProcess]
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess]
 ) -> None:
     gw = start_gateway(
-        lb_config(fresh_three[:2], timeouts={"read": "60s", "total": "1s"}, retries={"attempts": 2})
+        lb_config(ups[:2], timeouts={"read": "60s", "total": "1s"}, retries={"attempts": 2})
     )
     # the read timeout (60 s) would outlast this client's patience (10 s): the total one acts
     resp = request(gw.port, "GET", "/stall", timeout=10)

@@ -3,6 +3,7 @@ start and the retry budget: the pure parts, without sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.proxy.exchange import Exchange
-from gateway.upstream import health
+from gateway.upstream import discovery, health
 from gateway.upstream.balancer import (
     BALANCERS,
     ConsistentHash,
@@ -21,6 +22,7 @@ from gateway.upstream.balancer import (
     RoundRobin,
     make_key,
 )
+from gateway.upstream.discovery import TargetSpec
 from gateway.upstream.health import HealthPolicy, Outlier
 from gateway.upstream.pool import Pool
 from gateway.upstream.retry import RetryBudget
@@ -172,6 +174,14 @@ def test_p2c_prefers_the_faster_target() -> None:
     # it is only ever chosen when drawn against itself, which the second draw avoids
     assert counts[ts[0]] == 0
     assert counts[ts[1]] > 750 and counts[ts[2]] > 750  # equal ones share (ties flip)
+
+
+def test_p2c_draws_by_weight() -> None:
+    ts = targets(1, 2, 3)
+    b = P2CEwma(ts, rng=random.Random(5))
+    counts = Counter(b.pick(EX) for _ in range(6000))  # equal scores: the first drawn wins
+    for t, w in zip(ts, (1, 2, 3), strict=True):
+        assert within(counts[t], 6000, w / 6), counts
 
 
 def test_p2c_in_flight_counts() -> None:
@@ -412,3 +422,37 @@ def test_retry_budget_floor_accrues_with_time() -> None:
     budget = RetryBudget(0.0, min_per_second=2)
     assert [budget.withdraw(0, now=0.0) for _ in range(3)] == [True, True, False]
     assert [budget.withdraw(0, now=1.0) for _ in range(3)] == [True, True, False]
+
+
+# -- discovery: every address a target, kept across refreshes ---------------------------------
+def test_dns_refresh_keeps_adds_and_drops_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = [["10.0.0.1", "10.0.0.2"], ["10.0.0.2", "10.0.0.3"], OSError("SERVFAIL")]
+
+    async def resolve(hostname: str, port: int) -> list[str]:
+        assert (hostname, port) == ("svc.test", 8080)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(discovery, "resolve", resolve)
+    specs = (TargetSpec(0, "http://svc.test:8080", "svc.test", 8080, 2),)
+
+    def make(spec: TargetSpec, address: str) -> Target:
+        return Target(
+            address, spec.port, spec.weight, Pool("p", 8, 60, 100), hostname=spec.hostname
+        )
+
+    up = upstream([])
+    asyncio.run(discovery.refresh(up, specs, make))
+    first = {t.host: t for t in up.targets}
+    assert sorted(first) == ["10.0.0.1", "10.0.0.2"]
+    assert all(t.host_header == b"svc.test:8080" and t.weight == 2 for t in up.targets)
+    assert first["10.0.0.2"].label == "svc.test:8080@10.0.0.2"
+    asyncio.run(discovery.refresh(up, specs, make))
+    second = {t.host: t for t in up.targets}
+    assert sorted(second) == ["10.0.0.2", "10.0.0.3"]
+    assert second["10.0.0.2"] is first["10.0.0.2"]  # kept: its pool, counters and health
+    assert first["10.0.0.1"].upstream is None  # dropped
+    asyncio.run(discovery.refresh(up, specs, make))  # a failed lookup keeps the last answer
+    assert {t.host: t for t in up.targets} == second
