@@ -10,6 +10,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -57,53 +58,72 @@ def counts(ups: list[UpstreamProcess]) -> list[int]:
 
 
 # -- distribution -------------------------------------------------------------------------------
-@pytest.mark.parametrize("balancer", ["round_robin", "least_conn", "random"])
-def test_weights_are_honoured(
-    start_gateway: GatewayFactory, ups: list[UpstreamProcess], balancer: str
-) -> None:
+def per_balancer_config(
+    ups: list[UpstreamProcess], balancers: list[str], weights: list[int] | None = None
+) -> dict[str, Any]:
+    """One gateway, one upstream per balancer over the same processes, routed by path
+    (``/round_robin/...``): one gateway start for several balancers."""
+    config = lb_config(ups, weights)
+    targets = config["upstreams"].pop("backend")["targets"]
+    config["upstreams"] = {b: {"balancer": b, "targets": targets} for b in balancers}
+    config["routes"] = [
+        {"name": b, "match": {"path_prefix": f"/{b}"}, "upstream": b} for b in balancers
+    ]
+    return config
+
+
+def counts_under(ups: list[UpstreamProcess], prefix: str) -> list[int]:
+    return [sum(1 for r in u.received() if r["target"].startswith(prefix)) for u in ups]
+
+
+def test_weights_are_honoured(start_gateway: GatewayFactory, ups: list[UpstreamProcess]) -> None:
     weights = [1, 2, 3]
-    gw = start_gateway(lb_config(ups, weights, balancer=balancer))
-    reset(ups)
+    balancers = ["round_robin", "least_conn", "random"]
+    gw = start_gateway(per_balancer_config(ups, balancers, weights))
     n = 600
     with Conn(gw.port) as c:
-        for _ in range(n):
-            assert c.request("GET", "/echo").status == 200
-    got = counts(ups)
-    assert sum(got) == n
-    if balancer == "random":
-        for count, w in zip(got, weights, strict=True):
-            p = w / 6
-            assert abs(count - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, got
-    else:  # one request at a time: exact shares
-        assert got == [100, 200, 300]
+        for balancer in balancers:
+            for _ in range(n):
+                assert c.request("GET", f"/{balancer}/echo").status == 200
+    for balancer in balancers:
+        got = counts_under(ups, f"/{balancer}/")
+        assert sum(got) == n
+        if balancer == "random":
+            for count, w in zip(got, weights, strict=True):
+                p = w / 6
+                assert abs(count - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, got
+        else:  # one request at a time: exact shares
+            assert got == [100, 200, 300], balancer
 
 
-@pytest.mark.parametrize("balancer", ["least_conn", "p2c_ewma"])
-def test_slow_target_gets_less(start_gateway: GatewayFactory, balancer: str) -> None:
-    slow = UpstreamProcess(delay=0.05)
-    fast = [UpstreamProcess(), UpstreamProcess()]
-    ups = [slow, *fast]
+def test_slow_target_gets_less(start_gateway: GatewayFactory) -> None:
+    ups = [UpstreamProcess(delay=0.3), UpstreamProcess(), UpstreamProcess()]
+    balancers = ["least_conn", "p2c_ewma"]
     try:
-        gw = start_gateway(lb_config(ups, balancer=balancer))
-        errors: list[int] = []
+        gw = start_gateway(per_balancer_config(ups, balancers))
+        for balancer in balancers:
+            errors: list[int] = []
 
-        def client() -> None:
-            with Conn(gw.port) as c:
-                for _ in range(15):
-                    status = c.request("GET", "/echo").status
-                    if status != 200:
-                        errors.append(status)
+            def client(path: str, errors: list[int]) -> None:
+                with Conn(gw.port) as c:
+                    for _ in range(10):
+                        status = c.request("GET", path).status
+                        if status != 200:
+                            errors.append(status)
 
-        threads = [threading.Thread(target=client) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
-        got = counts(ups)
-        assert sum(got) == 90
-        # round-robin would give the slow target a third (30); these send it far fewer
-        assert got[0] < 0.15 * sum(got), got
+            threads = [
+                threading.Thread(target=client, args=(f"/{balancer}/echo", errors))
+                for _ in range(6)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors
+            got = counts_under(ups, f"/{balancer}/")
+            assert sum(got) == 60
+            # round-robin would give the slow target a third (20); these send it far fewer
+            assert got[0] < 10, (balancer, got)
     finally:
         for u in ups:
             u.stop()
