@@ -43,6 +43,8 @@ class Balancer:
     name: ClassVar[str] = ""
     #: Whether targets must record their response latency (only p2c_ewma reads it).
     needs_latency: ClassVar[bool] = False
+    #: Whether it reads the targets' requests in flight (kept only when someone reads them).
+    needs_load: ClassVar[bool] = False
     __slots__ = ("_cum", "_rng", "_total", "targets", "weights")
 
     def __init__(
@@ -130,6 +132,7 @@ class LeastConn(Balancer):
     idle) the shares follow the weights exactly."""
 
     name = "least_conn"
+    needs_load = True
     __slots__ = ("_n", "_rr")
 
     def __init__(
@@ -174,6 +177,7 @@ class P2CEwma(Balancer):
 
     name = "p2c_ewma"
     needs_latency = True
+    needs_load = True
     __slots__ = ("_clock", "_n")
     #: Read once per pick (the vDSO clock: tens of nanoseconds); replaceable in tests.
     clock: ClassVar[Callable[[], float]] = time.monotonic

@@ -21,7 +21,8 @@ exchange has already taken the connection: once an exchange has ended, the rest 
 (``_spent``) must bring nothing, and anything it does bring closes the connection.
 
 The target's counters are kept here: ``connections`` (open ones), ``in_flight`` (exchanges
-bound to one of them: +1 in ``start``, -1 wherever ``exchange`` goes back to ``None``), the
+bound to one of them: +1 in ``start``, -1 wherever ``exchange`` goes back to ``None``; only
+for targets whose balancer or circuit breaker reads it, ``Target.counted``), the
 passive-health outcome of each response head (a 5xx is a failure, anything else resets the
 count) and, for ``p2c_ewma``, the time to the response head.
 """
@@ -103,7 +104,8 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         self.exchange = None
-        target.in_flight -= 1
+        if target.counted:
+            target.in_flight -= 1
         if self.response_started and self.framing == FRAMING_CLOSE and exc is None:
             ex.conn.upstream_done(ex, self, reusable=False)
         else:
@@ -223,9 +225,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self.last_read = ex.conn.server.now
         target = self.target
-        target.in_flight += 1
-        if target.track_latency:
-            self.sent_at = time.monotonic()
+        if target.counted:
+            target.in_flight += 1
+            if target.track_latency:
+                self.sent_at = time.monotonic()
         assert self.transport is not None
         if hold:
             self.held = head
@@ -270,14 +273,16 @@ class UpstreamConnection(asyncio.Protocol):
         """Drop the connection at once: its exchange was abandoned mid-way."""
         if self.exchange is not None:
             self.exchange = None
-            self.target.in_flight -= 1
+            if self.target.counted:
+                self.target.in_flight -= 1
         self.held = None
         if self.transport is not None:
             self.transport.abort()
 
     def _finish(self, ex: Exchange, keep_alive: bool) -> None:
         self.exchange = None
-        self.target.in_flight -= 1
+        if self.target.counted:
+            self.target.in_flight -= 1
         self._spent = True
         ex.conn.upstream_done(ex, self, reusable=keep_alive and self.framing != FRAMING_CLOSE)
 

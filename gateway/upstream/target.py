@@ -49,6 +49,7 @@ class Target:
         "check_oks",
         "connecting",
         "connections",
+        "counted",
         "eject_timer",
         "ejected",
         "ejected_at",
@@ -94,6 +95,9 @@ class Target:
         self.set_address(host, port)
         #: Most requests in flight (sent or waiting for a new connection); the circuit breaker.
         self.limit = limit
+        #: Whether ``in_flight`` is kept (the balancer or the circuit breaker reads it): a
+        #: plain round-robin target pays nothing per request for it.
+        self.counted = limit < UNLIMITED
         self.in_flight = 0
         self.connecting = 0
         self.connections = 0
@@ -162,7 +166,8 @@ class Target:
             "healthy": self.healthy,
             "ejected": self.ejected,
             "available": self.available,
-            "in_flight": self.in_flight + self.connecting,
+            "in_flight": self.connecting
+            + (self.in_flight if self.counted else self.connections - self.pool.idle_count),
             "connections": self.connections,
             "idle": self.pool.idle_count,
             "consecutive_failures": self.fails,
@@ -306,6 +311,7 @@ class Upstream:
         for t in targets:
             t.upstream = self
             t.track_latency = self.balancer_class.needs_latency
+            t.counted = self.balancer_class.needs_load or t.limit < UNLIMITED
             t.watch_from = 0 if t.track_latency else 500
         self.targets = targets
         self.rebuild()
