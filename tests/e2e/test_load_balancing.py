@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import proxy_config
+from tests.e2e.test_operations import _metrics
 from tests.support.balancing import lb_config, served_by
 from tests.support.client import Conn, request
 from tests.support.procs import GatewayProcess, UpstreamProcess, wait_for
@@ -325,3 +326,42 @@ def test_total_timeout_bounds_the_upstream_phase(
     # the read timeout (60 s) would outlast this client's patience (10 s): the total one acts
     resp = request(gw.port, "GET", "/stall", timeout=10)
     assert resp.status == 504 and resp.json()["error"]["code"] == "upstream_timeout"
+
+
+# -- visibility ---------------------------------------------------------------------------------
+def test_metrics_and_status_show_retries_ejections_and_targets(
+    start_gateway: GatewayFactory, ups: list[UpstreamProcess]
+) -> None:
+    bad, good = ups[0], ups[1]
+    bad.fail_with(503)
+    gw = start_gateway(
+        lb_config(
+            [bad, good], outlier_detection={"consecutive_failures": 2, "base_ejection": "60s"}
+        )
+    )
+    with Conn(gw.port) as c:
+        for _ in range(10):  # every one answered: the bad target's 503s are retried
+            assert c.request("GET", "/echo").status == 200
+    bad_label, good_label = f"127.0.0.1:{bad.port}", f"127.0.0.1:{good.port}"
+
+    def sample(name: str, **labels: str) -> float | None:
+        for key, value in _metrics(gw).get(name, {}).items():
+            if dict(key) == {"upstream": "backend", **labels}:
+                return float(value)
+        return None
+
+    wait_for(lambda: (sample("gateway_retries_total") or 0) >= 2, "retries in the metrics", 20)
+    assert sample("gateway_upstream_ejections_total", target=bad_label) == 1
+    assert sample("gateway_upstream_target_up", target=bad_label) == 0
+    assert sample("gateway_upstream_target_up", target=good_label) == 1
+
+    def backend() -> dict[str, Any] | None:  # workers write their status every few ticks
+        (worker,) = gw.admin("GET", "/status").json()["workers"]
+        up: dict[str, Any] = worker["upstreams"]["backend"]
+        return up if any(t["ejected"] for t in up["targets"]) else None
+
+    up = wait_for(backend, "the ejection in /status", 20)
+    assert up["balancer"] == "round_robin" and not up["panic"]
+    states = {t["target"]: t for t in up["targets"]}
+    assert states[bad_label]["ejected"] and not states[bad_label]["available"]
+    assert states[good_label]["available"] and states[good_label]["in_flight"] == 0
