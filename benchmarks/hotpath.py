@@ -10,8 +10,13 @@ compare before and after a hot-path change:
     python -m benchmarks.hotpath                 # µs per request (min of several runs)
     python -m benchmarks.hotpath --profile       # cProfile, sorted by own time
     python -m benchmarks.hotpath --callgrind     # instructions per request (needs valgrind)
-    python -m benchmarks.hotpath --callgrind --targets 3 --balancer least_conn
-                                                 # the same through a balancer over 3 targets
+
+``--observe`` picks what the log phase does: ``metrics`` (the default, as in a worker),
+``access-log`` (metrics and an access-log line per request, written to /dev/null by the
+writer thread, whose instructions callgrind counts too) or ``off`` (no log phase at all).
+``--no-tracing`` turns the W3C traceparent off (on by default, as in the gateway).
+``--targets N --balancer NAME`` sends the requests through a balancer over N targets (compare
+with ``--targets 1``, the same driving loop without a balancer, for the balancer's own cost).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import uvloop
 
 from gateway.config.compile import compile_config
 from gateway.config.load import load_text
+from gateway.observe import AccessLog, Observer
 from gateway.plugin import default_registry
 from gateway.proxy.protocol import ClientConnection
 from gateway.server import ServerState
@@ -99,20 +105,28 @@ def balanced_config(targets: int, balancer: str) -> str:
     )
 
 
-async def drive(requests: int, targets: int = 0, balancer: str = "round_robin") -> float:
+async def drive(
+    requests: int,
+    observe: str = "metrics",
+    tracing: bool = True,
+    targets: int = 0,
+    balancer: str = "round_robin",
+) -> float:
     """Proxy ``requests`` GETs; return the seconds spent. With ``targets`` (>= 1), through a
     balancer over that many targets, each with a pooled connection; the response is fed to
     the connection the request went to (three attribute reads more per request)."""
     text = CONFIG if not targets else balanced_config(targets, balancer)
+    text = text if tracing else text + "tracing: {enabled: false}\n"
     config, source = load_text(text, default_registry())
     runtime = compile_config(config, source)
-    state = ServerState(runtime)
+    access = AccessLog(os.devnull) if observe == "access-log" else None
+    state = ServerState(runtime, None if observe == "off" else Observer(access))
     upstreams = []
     for target in runtime.targets():
-        upstream = UpstreamConnection(target)
-        upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
-        target.pool.release(upstream, state.now)
-        upstreams.append(upstream)
+        conn = UpstreamConnection(target)
+        conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+        target.pool.release(conn, state.now)
+        upstreams.append(conn)
     upstream = upstreams[0]
     client = ClientConnection(state)
     client_transport = FakeTransport()
@@ -132,13 +146,15 @@ async def drive(requests: int, targets: int = 0, balancer: str = "round_robin") 
         for _ in range(requests):
             client.data_received(REQUEST)
             client.active.upstream.data_received(RESPONSE)  # type: ignore[union-attr]
+    if access is not None:
+        access.close()
     elapsed = time.perf_counter() - start
     if client_transport.writes != requests:
         raise RuntimeError(f"{client_transport.writes} responses for {requests} requests")
     return elapsed
 
 
-def _instructions(requests: int, extra: list[str]) -> int:
+def _instructions(requests: int, flags: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         subprocess.run(
@@ -153,7 +169,7 @@ def _instructions(requests: int, extra: list[str]) -> int:
                 str(requests),
                 "--runs",
                 "1",
-                *extra,
+                *flags,
             ],
             check=True,
             capture_output=True,
@@ -181,6 +197,8 @@ def main() -> int:
         action="store_true",
         help="instructions per request under valgrind (deterministic)",
     )
+    parser.add_argument("--observe", choices=["metrics", "access-log", "off"], default="metrics")
+    parser.add_argument("--no-tracing", action="store_true")
     parser.add_argument(
         "--targets",
         type=int,
@@ -189,27 +207,34 @@ def main() -> int:
     )
     parser.add_argument("--balancer", default="round_robin", help="with --targets")
     args = parser.parse_args()
-    extra = ["--targets", str(args.targets), "--balancer", args.balancer] if args.targets else []
+    flags = ["--observe", args.observe] + (["--no-tracing"] if args.no_tracing else [])
+    if args.targets:
+        flags += ["--targets", str(args.targets), "--balancer", args.balancer]
+    tracing = not args.no_tracing
     if args.callgrind:
         if shutil.which("valgrind") is None:
             print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
             return 1
         n = 3000
-        base, loaded = _instructions(0, extra), _instructions(n, extra)
-        print(f"{(loaded - base) / n:,.0f} instructions per proxied request (python side)")
+        base, loaded = _instructions(0, flags), _instructions(n, flags)
+        print(
+            f"{(loaded - base) / n:,.0f} instructions per proxied request (python side, "
+            f"{' '.join(flags)})"
+        )
         return 0
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        uvloop.run(drive(args.requests, args.targets, args.balancer))
+        uvloop.run(drive(args.requests, args.observe, tracing, args.targets, args.balancer))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0, args.targets, args.balancer))
+        uvloop.run(drive(0, args.observe, tracing, args.targets, args.balancer))
         return 0
     best = min(
-        uvloop.run(drive(args.requests, args.targets, args.balancer)) for _ in range(args.runs)
+        uvloop.run(drive(args.requests, args.observe, tracing, args.targets, args.balancer))
+        for _ in range(args.runs)
     )
     print(
         f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "

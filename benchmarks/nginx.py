@@ -59,6 +59,10 @@ events {{
 http {{
     access_log off;
     server_tokens off;
+    log_format json escape=json '{{"ts":$msec,"request_id":"$request_id","client":"$remote_addr",'
+        '"method":"$request_method","path":"$uri","status":$status,"bytes_in":$request_length,'
+        '"bytes_out":$bytes_sent,"duration":$request_time,"upstream":"$upstream_addr",'
+        '"upstream_duration":"$upstream_response_time"}}';
 {temps}
 """
 
@@ -129,6 +133,7 @@ def write_proxy_config(
 ) -> Path:
     """The reference reverse proxy: one location per scenario path to its upstream (a
     multi-target scenario's upstream lists the stub that many times, as the gateway's does)."""
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
     servers = {name: [up_port] for name, up_port in upstreams.items()}
     for s in scenarios:
         if s.targets > 1:
