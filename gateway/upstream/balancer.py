@@ -45,7 +45,7 @@ class Balancer:
     needs_latency: ClassVar[bool] = False
     #: Whether it reads the targets' requests in flight (kept only when someone reads them).
     needs_load: ClassVar[bool] = False
-    __slots__ = ("_cum", "_rng", "_total", "targets", "weights")
+    __slots__ = ("_cum", "_random", "_rng", "_total", "targets", "weights")
 
     def __init__(
         self,
@@ -61,6 +61,7 @@ class Balancer:
         if len(self.weights) != len(self.targets) or min(self.weights) < 1:
             raise ValueError("one weight of at least 1 per target")
         self._rng = rng or random.Random()
+        self._random = self._rng.random  # bound once: picks call it directly
         self._cum = list(itertools.accumulate(self.weights))
         self._total = self._cum[-1]
 
@@ -68,7 +69,7 @@ class Balancer:
         raise NotImplementedError
 
     def _weighted_random(self) -> int:
-        return bisect.bisect_right(self._cum, self._rng.random() * self._total)
+        return bisect.bisect_right(self._cum, self._random() * self._total)
 
     def pick_other(self, ex: Exchange, exclude: Container[Target]) -> Target | None:
         """A target not in ``exclude`` (for a retry), chosen at random by weight; ``None`` when
@@ -108,6 +109,10 @@ class RoundRobin(Balancer):
         self._next = self._rng.randrange(self._n)
 
     def pick(self, ex: Exchange) -> Target:
+        if self._equal:  # inlined: a call costs more than the counter
+            i = self._next
+            self._next = i + 1 if i + 1 < self._n else 0
+            return self.targets[i]
         return self.targets[self.pick_index()]
 
     def pick_index(self) -> int:
@@ -133,7 +138,7 @@ class LeastConn(Balancer):
 
     name = "least_conn"
     needs_load = True
-    __slots__ = ("_n", "_rr")
+    __slots__ = ("_equal", "_n", "_next", "_rr")
 
     def __init__(
         self,
@@ -145,10 +150,16 @@ class LeastConn(Balancer):
         super().__init__(targets, weights, key, rng)
         self._n = len(self.targets)
         self._rr = RoundRobin(self.targets, self.weights, rng=self._rng)
+        self._equal = len(set(self.weights)) == 1
+        self._next = self._rng.randrange(self._n)
 
     def pick(self, ex: Exchange) -> Target:
         n = self._n
-        start = self._rr.pick_index()
+        if self._equal:  # the tie-break order: a counter, inlined
+            start = self._next
+            self._next = start + 1 if start + 1 < n else 0
+        else:
+            start = self._rr.pick_index()
         targets = self.targets
         weights = self.weights
         best = targets[start]
@@ -197,10 +208,12 @@ class P2CEwma(Balancer):
         n = self._n
         if n == 1:
             return self.targets[0]
-        a = self._weighted_random()
-        b = self._weighted_random()
+        rand = self._random
+        cum, total = self._cum, self._total
+        a = bisect.bisect_right(cum, rand() * total)  # by weight, inlined (no method calls)
+        b = bisect.bisect_right(cum, rand() * total)
         if a == b:  # a second draw among the others, uniformly: cheap and still fair enough
-            b = (a + 1 + int(self._rng.random() * (n - 1))) % n
+            b = (a + 1 + int(rand() * (n - 1))) % n
         ta, tb = self.targets[a], self.targets[b]
         now = self._clock()
         sa = ta.decayed_latency(now) * (ta.in_flight + ta.connecting + 1)
@@ -225,8 +238,8 @@ class RandomBalancer(Balancer):
 
     def pick(self, ex: Exchange) -> Target:
         if self._uniform:
-            return self.targets[int(self._rng.random() * self._n)]
-        return self.targets[self._weighted_random()]
+            return self.targets[int(self._random() * self._n)]
+        return self.targets[bisect.bisect_right(self._cum, self._random() * self._total)]
 
 
 #: Ring points per unit of weight (weights are first divided by their greatest common divisor,
@@ -236,10 +249,13 @@ RING_POINTS_PER_WEIGHT = 160
 RING_MAX_POINTS = 100_000
 
 
+_blake2b = hashlib.blake2b
+
+
 def stable_hash(data: bytes) -> int:
     """A 64-bit hash that is the same in every process and on every node (``hash()`` is
     randomised per process, so workers would disagree)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    return int.from_bytes(_blake2b(data, digest_size=8).digest(), "big")
 
 
 class ConsistentHash(Balancer):
@@ -278,7 +294,11 @@ class ConsistentHash(Balancer):
         return self._owners[i if i < len(self._owners) else 0]
 
     def pick(self, ex: Exchange) -> Target:
-        return self.lookup(self._key(ex))
+        # lookup(), inlined: one call fewer per request.
+        h = int.from_bytes(_blake2b(self._key(ex), digest_size=8).digest(), "big")
+        i = bisect.bisect_left(self._points, h)
+        owners = self._owners
+        return owners[i if i < len(owners) else 0]
 
     def pick_other(self, ex: Exchange, exclude: Container[Target]) -> Target | None:
         """The next distinct owner along the ring: where the key would go without them."""
