@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+_monotonic = time.monotonic
+
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
     from gateway.upstream.target import Target
@@ -228,7 +230,7 @@ class UpstreamConnection(asyncio.Protocol):
         if target.counted:
             target.in_flight += 1
             if target.track_latency:
-                self.sent_at = time.monotonic()
+                self.sent_at = _monotonic()
         assert self.transport is not None
         if hold:
             self.held = head

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.upstream.balancer import Balancer, KeyFunction, RoundRobin
+from gateway.upstream.balancer import DECAY_STEP, Balancer, KeyFunction, RoundRobin
 from gateway.upstream.discovery import TargetFactory, TargetSpec, refresh, refresh_loop
 from gateway.upstream.health import check_loop, passive_failure
 from gateway.upstream.pool import Pool
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
     from gateway.upstream.health import HealthPolicy
     from gateway.upstream.retry import RetryPolicy
+
+_monotonic = time.monotonic
 
 #: Upper bound of the per-target limits when none is configured.
 UNLIMITED = 1 << 30
@@ -134,9 +136,13 @@ class Target:
 
     def observe_response(self, status: int, sent_at: float) -> None:
         """A response head from this target: passive health, and latency for p2c_ewma."""
-        if self.track_latency:
-            now = time.monotonic()
-            self.observe_latency(now - sent_at, now)
+        if self.track_latency:  # observe_latency(), inlined: this runs per response
+            now = _monotonic()
+            rtt = now - sent_at
+            ewma = self.ewma
+            if now - self.ewma_at >= DECAY_STEP:
+                ewma = self.decayed_latency(now)
+            self.ewma = rtt if rtt > ewma else (ewma + rtt) * 0.5
         if status >= 500:
             passive_failure(self)
         elif self.fails:
@@ -144,8 +150,8 @@ class Target:
         self.watch_from = 0 if self.track_latency or self.fails else 500
 
     def observe_latency(self, seconds: float, now: float) -> None:
-        """Peak EWMA (Finagle's): a slower sample replaces the estimate at once; faster ones
-        pull it down with a weight that depends on the time since the last sample."""
+        """Peak EWMA (Finagle's): a slower sample replaces the estimate at once, a faster one
+        halves the distance to it; with no samples the estimate decays (``decayed_latency``)."""
         ewma = self.decayed_latency(now)
         self.ewma = seconds if seconds > ewma else ewma * 0.5 + seconds * 0.5
 
