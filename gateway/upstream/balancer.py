@@ -25,7 +25,6 @@ import bisect
 import itertools
 import math
 import random
-import time
 import zlib
 from collections.abc import Callable, Container, Sequence
 from typing import TYPE_CHECKING, ClassVar
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
 
 #: Computes the consistent-hash key of a request (compiled from ``hash_on``/``hash_key``).
 KeyFunction = Callable[["Exchange"], bytes]
-#: Latency estimates are decayed when this much time (seconds) has passed since the last decay.
-DECAY_STEP = 0.05
 
 
 class Balancer:
@@ -192,9 +189,7 @@ class P2CEwma(Balancer):
     name = "p2c_ewma"
     needs_latency = True
     needs_load = True
-    __slots__ = ("_clock", "_n", "_uniform")
-    #: Read once per pick (the vDSO clock: tens of nanoseconds); replaceable in tests.
-    clock: ClassVar[Callable[[], float]] = time.monotonic
+    __slots__ = ("_n", "_uniform")
 
     def __init__(
         self,
@@ -206,7 +201,6 @@ class P2CEwma(Balancer):
         super().__init__(targets, weights, key, rng)
         self._n = len(self.targets)
         self._uniform = len(set(self.weights)) == 1
-        self._clock = type(self).clock
 
     def pick(self, ex: Exchange) -> Target:
         n = self._n
@@ -223,16 +217,10 @@ class P2CEwma(Balancer):
         if a == b:  # a second draw among the others, uniformly: cheap and still fair enough
             b = (a + 1 + int(rand() * (n - 1))) % n
         ta, tb = self.targets[a], self.targets[b]
-        now = self._clock()
-        # The decay is applied when it has grown (DECAY_STEP): under load the estimates are
-        # read far more often than they change, and exp() and a call cost more than a compare.
-        la = ta.ewma if now - ta.ewma_at < DECAY_STEP else ta.decayed_latency(now)
-        lb = tb.ewma if now - tb.ewma_at < DECAY_STEP else tb.decayed_latency(now)
-        return (
-            ta
-            if la * (ta.in_flight + ta.connecting + 1) <= lb * (tb.in_flight + tb.connecting + 1)
-            else tb
-        )
+        # The estimates decay on the upstream's timer (Upstream.start), not here: a pick reads
+        # two floats (a clock read and a decay check per pick measured ~+2% of a request).
+        sa = ta.ewma * (ta.in_flight + ta.connecting + 1)
+        return ta if sa <= tb.ewma * (tb.in_flight + tb.connecting + 1) else tb
 
 
 class RandomBalancer(Balancer):
@@ -259,6 +247,8 @@ class RandomBalancer(Balancer):
 #: Ring points per unit of weight (weights are first divided by their greatest common divisor,
 #: so equal weights give every target this many points).
 RING_POINTS_PER_WEIGHT = 160
+#: Keys whose target a ring remembers (per ring: a rebuilt ring starts empty).
+HASH_CACHE_SIZE = 10_000
 #: Upper bound on the ring's size; weights are scaled down to fit.
 RING_MAX_POINTS = 100_000
 
@@ -285,7 +275,7 @@ class ConsistentHash(Balancer):
     only the keys on its arcs: about 1/N of them."""
 
     name = "consistent_hash"
-    __slots__ = ("_key", "_owners", "_points")
+    __slots__ = ("_cache", "_key", "_owners", "_points")
 
     def __init__(
         self,
@@ -307,6 +297,7 @@ class ConsistentHash(Balancer):
             ring.extend((stable_hash(b"%s#%d" % (label, p)), i) for p in range(w * per_weight))
         ring.sort()
         self._points = [p for p, _ in ring]
+        self._cache: dict[bytes, Target] = {}
         self._owners = [self.targets[i] for _, i in ring]
 
     def lookup(self, key: bytes) -> Target:
@@ -314,15 +305,17 @@ class ConsistentHash(Balancer):
         return self._owners[i if i < len(self._owners) else 0]
 
     def pick(self, ex: Exchange) -> Target:
-        # lookup() and stable_hash(), inlined: two calls fewer per request.
-        h = _crc32(self._key(ex))
-        h ^= h >> 16
-        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-        h ^= h >> 13
-        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-        i = bisect.bisect_left(self._points, h ^ (h >> 16))
-        owners = self._owners
-        return owners[i if i < len(owners) else 0]
+        # Keys repeat (clients, users, sessions): a dict remembers where each went, for this
+        # ring only (a change builds a new ring, and a new cache). Bounded: cleared when full.
+        key = self._key(ex)
+        t = self._cache.get(key)
+        if t is None:
+            t = self.lookup(key)
+            cache = self._cache
+            if len(cache) >= HASH_CACHE_SIZE:
+                cache.clear()
+            cache[key] = t
+        return t
 
     def pick_other(self, ex: Exchange, exclude: Container[Target]) -> Target | None:
         """The next distinct owner along the ring: where the key would go without them."""

@@ -181,8 +181,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._interim = False
         target = self.target
-        if status >= target.watch_from:  # a 5xx, or failures to reset, or latency to record
-            target.observe_response(status, self.sent_at)
+        if status >= target.watch_from:  # a 5xx, or failures to reset
+            target.observe_response(status)
+        if target.track_latency:  # p2c_ewma: Target.observe_latency(), inlined (per response)
+            rtt = _monotonic() - self.sent_at
+            ewma = target.ewma
+            target.ewma = rtt if rtt > ewma else (ewma + rtt) * 0.5
         if ex.method == b"HEAD" or status == 204 or status == 304:
             self.framing = FRAMING_NONE
         elif self._chunked:

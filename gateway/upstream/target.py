@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.upstream.balancer import DECAY_STEP, Balancer, KeyFunction, RoundRobin
+from gateway.upstream.balancer import Balancer, KeyFunction, RoundRobin
 from gateway.upstream.discovery import TargetFactory, TargetSpec, refresh, refresh_loop
 from gateway.upstream.health import check_loop, passive_failure
 from gateway.upstream.pool import Pool
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from gateway.upstream.health import HealthPolicy
     from gateway.upstream.retry import RetryPolicy
 
-_monotonic = time.monotonic
+#: How often p2c_ewma's latency estimates decay (seconds).
+EWMA_DECAY_TICK = 1.0
 
 #: Upper bound of the per-target limits when none is configured.
 UNLIMITED = 1 << 30
@@ -134,20 +135,13 @@ class Target:
     def available(self) -> bool:
         return self.healthy and not self.ejected
 
-    def observe_response(self, status: int, sent_at: float) -> None:
-        """A response head from this target: passive health, and latency for p2c_ewma."""
-        if self.track_latency:  # observe_latency(), inlined: this runs per response
-            now = _monotonic()
-            rtt = now - sent_at
-            ewma = self.ewma
-            if now - self.ewma_at >= DECAY_STEP:
-                ewma = self.decayed_latency(now)
-            self.ewma = rtt if rtt > ewma else (ewma + rtt) * 0.5
+    def observe_response(self, status: int) -> None:
+        """A 5xx, or any response while failures are being counted: passive health."""
         if status >= 500:
             passive_failure(self)
         elif self.fails:
             self.fails = 0
-        self.watch_from = 0 if self.track_latency or self.fails else 500
+        self.watch_from = 0 if self.fails else 500
 
     def observe_latency(self, seconds: float, now: float) -> None:
         """Peak EWMA (Finagle's): a slower sample replaces the estimate at once, a faster one
@@ -264,9 +258,20 @@ class Upstream:
         if self.stats is not None:
             for t in self.targets:
                 self.stats.target_up(t)
+        if self.balancer_class.needs_latency:
+            self._tasks.append(loop.create_task(self._decay_latencies()))
         check = self.health.check if self.health is not None else None
         if check is not None:
             self._tasks.append(loop.create_task(check_loop(self, check, random.Random())))
+
+    async def _decay_latencies(self) -> None:
+        """p2c_ewma: every target's latency estimate decays once a second, so that one avoided
+        for being slow (and so getting no samples) is tried again after a while."""
+        while True:
+            await asyncio.sleep(EWMA_DECAY_TICK)
+            now = time.monotonic()
+            for t in self.targets:
+                t.decayed_latency(now)
 
     def stop(self) -> None:
         for task in self._tasks:
@@ -322,7 +327,6 @@ class Upstream:
             t.upstream = self
             t.track_latency = self.balancer_class.needs_latency
             t.counted = self.balancer_class.needs_load or t.limit < UNLIMITED
-            t.watch_from = 0 if t.track_latency else 500
         self.targets = targets
         self.limited = any(t.limit < UNLIMITED for t in targets)
         self.rebuild()
