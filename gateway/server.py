@@ -8,6 +8,7 @@ request), the open connections, and the request-id generator.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -82,9 +83,11 @@ class Worker:
         state = self.state
         for lst in runtime.listeners:
             server = await loop.create_server(
-                lambda: ClientConnection(state),
+                functools.partial(ClientConnection, state, lst),
                 lst.host,
                 lst.port,
+                ssl=lst.ssl,
+                ssl_handshake_timeout=lst.ssl_handshake_timeout,
                 backlog=lst.backlog,
                 reuse_address=True,
                 reuse_port=True,

@@ -36,10 +36,60 @@ def _workers(value: object) -> int:
 Workers = Annotated[int, BeforeValidator(_workers)]
 
 
+def _as_text(value: object) -> object:
+    """YAML reads ``1.2`` and ``403`` as numbers; these keys take them as text."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+TLSVersionName = Annotated[Literal["1.2", "1.3"], BeforeValidator(_as_text)]
+
+
+class CertificateConfig(Strict):
+    cert: str = Field(min_length=1, description="PEM file: the certificate, then its chain")
+    key: str = Field(min_length=1, description="PEM file: the private key")
+    password: str | None = None
+    #: SNI names this certificate serves; default: its DNS subjectAltNames.
+    names: list[str] = []
+
+
+class ClientCertHeaders(Strict):
+    subject: str | None = "x-client-cert-subject"
+    sans: str | None = "x-client-cert-san"
+
+
+class ClientCertConfig(Strict):
+    mode: Literal["required", "optional"] = "required"
+    ca: str = Field(min_length=1, description="PEM bundle of the CAs that sign client certs")
+    on_failure: Annotated[Literal["handshake", "403"], BeforeValidator(_as_text)] = "handshake"
+    headers: ClientCertHeaders = ClientCertHeaders()
+
+
+class HstsConfig(Strict):
+    max_age: Duration = 31_536_000.0
+    include_subdomains: bool = False
+    preload: bool = False
+
+
+class ListenerTLSConfig(Strict):
+    certificates: list[CertificateConfig] = Field(min_length=1)
+    min_version: TLSVersionName = "1.2"
+    ciphers: str | None = None
+    session_tickets: bool = True
+    client_cert: ClientCertConfig | None = None
+    hsts: HstsConfig | None = None
+
+
+class RedirectHttpsConfig(Strict):
+    port: int = Field(default=443, ge=1, le=65535)
+    status: Literal[301, 308] = 301
+
+
 class ListenerConfig(Strict):
     name: str = Field(min_length=1)
     bind: str = Field(min_length=1, description="host:port, e.g. 0.0.0.0:8080 or [::1]:8080")
     backlog: int = Field(default=2048, ge=1, le=65535)
+    tls: ListenerTLSConfig | None = None
+    redirect_https: RedirectHttpsConfig | None = None
 
 
 class TargetConfig(Strict):
@@ -58,11 +108,22 @@ class KeepaliveConfig(Strict):
     max_requests: int = Field(default=10_000, ge=1)
 
 
+class UpstreamTLSConfig(Strict):
+    verify: bool = True
+    ca: str | None = None
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    password: str | None = None
+    min_version: TLSVersionName = "1.2"
+
+
 class UpstreamConfig(Strict):
     balancer: Literal["round_robin"] = "round_robin"
     targets: list[TargetConfig] = Field(min_length=1)
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     keepalive: KeepaliveConfig = KeepaliveConfig()
+    tls: UpstreamTLSConfig | None = None
 
 
 class MatchConfig(Strict):

@@ -111,7 +111,9 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.done = False
         self.user: str | None = None
-        self.vars: dict[str, Any] | None = None
+        # A verified client certificate (gateway.tls) shows as tls.client_* variables.
+        client_cert = conn.tls_client
+        self.vars: dict[str, Any] | None = None if client_cert is None else client_cert.vars.copy()
 
     def var(self, name: str, default: Any = None) -> Any:
         v = self.vars

@@ -47,6 +47,7 @@ _PLAIN_CONNECTION = frozenset(
 
 #: Response headers not copied: hop-by-hop ones, and those the gateway writes itself.
 _RESPONSE_SKIP = HOP_BY_HOP | {b"content-length", b"via"}
+_RESPONSE_SKIP_HSTS = _RESPONSE_SKIP | {b"strict-transport-security"}
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -64,13 +65,23 @@ class Forwarding:
     )
 
     def __init__(
-        self, trusted: Sequence[IPNetwork], via: str | None, request_id_header: str
+        self,
+        trusted: Sequence[IPNetwork],
+        via: str | None,
+        request_id_header: str,
+        identity_headers: Sequence[str] = (),
     ) -> None:
         self.trusted = tuple(trusted)
         self.via = f"1.1 {via}".encode("latin-1") if via else b""
         self.request_id_raw = request_id_header.encode("latin-1")
         self.request_id_header = self.request_id_raw.lower()
-        self.request_own = _REQUEST_OWN | {self.request_id_header}
+        # The client-certificate identity headers (gateway.tls) are the gateway's to write,
+        # on every listener: a client cannot send its own copy.
+        self.request_own = (
+            _REQUEST_OWN
+            | {self.request_id_header}
+            | {h.lower().encode("latin-1") for h in identity_headers}
+        )
         self._trust_cache: dict[str, bool] = {}
 
     def is_trusted(self, ip: str) -> bool:
@@ -149,6 +160,9 @@ def request_head(
     elif ex.length_header is not None:
         parts += (b"content-length: ", ex.length_header, b"\r\n")
     parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
+    client_cert = ex.conn.tls_client
+    if client_cert is not None:
+        parts.append(client_cert.header_block)
     parts += (b"host: ", host, b"\r\n\r\n")
     return b"".join(parts)
 
@@ -181,8 +195,10 @@ def response_head(
     has_date = has_rid = False
     via = b""
     rid_name = fwd.request_id_header
+    hsts = ex.conn.hsts  # a TLS listener's own Strict-Transport-Security replaces any other
+    skip = _RESPONSE_SKIP_HSTS if hsts else _RESPONSE_SKIP
     for lname, raw, value in ex.response_headers.items:
-        if lname in _RESPONSE_SKIP:
+        if lname in skip:
             if lname == b"via":
                 via = value if not via else via + b", " + value
             continue
@@ -201,6 +217,8 @@ def response_head(
         parts.append(date)
     if not has_rid:
         parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
+    if hsts:
+        parts.append(hsts)
     if fwd.via:
         parts += (b"via: ", via + b", " + fwd.via if via else fwd.via, b"\r\n")
     if not ex.keep_alive:
@@ -217,6 +235,10 @@ async def connect(target: Target, timeout: float) -> UpstreamConnection:  # noqa
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, protocol = await loop.create_connection(
-            lambda: UpstreamConnection(target), target.host, target.port
+            lambda: UpstreamConnection(target),
+            target.host,
+            target.port,
+            ssl=target.ssl,
+            server_hostname=target.server_hostname,
         )
     return protocol

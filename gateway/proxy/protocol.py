@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -50,11 +51,13 @@ from gateway.plugin import Reply
 from gateway.proxy.chain import PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
+from gateway.tls import describe_ssl_error
 from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
-    from gateway.config.compile import Runtime
+    from gateway.config.compile import Listener, Runtime
     from gateway.server import ServerState
+    from gateway.tls import ClientCert, Gate
     from gateway.upstream.target import Target
 
 log = logging.getLogger("gateway.proxy")
@@ -122,10 +125,13 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "client_ip",
         "closed",
+        "gate",
         "held",
+        "hsts",
         "idle_since",
         "limits",
         "linger_until",
+        "listener",
         "parser",
         "parsing",
         "peer_ip",
@@ -135,20 +141,29 @@ class ClientConnection(asyncio.Protocol):
         "runtime",
         "scheme",
         "server",
+        "tls_client",
         "transport",
         "trusted_peer",
         "write_paused",
         "write_paused_since",
     )
 
-    def __init__(self, server: ServerState, scheme: bytes = b"http") -> None:
+    def __init__(self, server: ServerState, listener: Listener | None = None) -> None:
         self.server = server
         self.runtime: Runtime = server.runtime
         self.limits = self.runtime.limits
         self._max_header_bytes = self.limits.max_header_bytes
         self._max_header_count = self.limits.max_header_count
         self._rid_name = self.runtime.forwarding.request_id_header
-        self.scheme = scheme
+        # The listener's TLS behaviour (gateway.tls): scheme for X-Forwarded-Proto, the HSTS
+        # header line, the verified client certificate, and the gate: when set, every request
+        # is answered by it (an https redirect, a 403 for a missing client certificate).
+        self.listener = listener
+        tls = listener is not None and listener.ssl is not None
+        self.scheme = b"https" if tls else b"http"
+        self.hsts = listener.hsts if listener is not None else b""
+        self.gate: Gate | None = listener.redirect if listener is not None else None
+        self.tls_client: ClientCert | None = None
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
@@ -195,6 +210,11 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip_bytes = self.peer_ip.encode("latin-1")
         self.client_ip = self.peer_ip
         self.trusted_peer = self.runtime.forwarding.is_trusted(self.peer_ip)
+        listener = self.listener
+        if listener is not None and listener.client_certs is not None:
+            self.tls_client = listener.client_certs.identify(transport)
+            if self.tls_client is None:
+                self.gate = listener.client_certs.missing
         server.connections.add(self)
         if len(server.connections) > self.limits.max_connections:
             ex = Exchange(self)
@@ -500,6 +520,10 @@ class ClientConnection(asyncio.Protocol):
         if ex.pending_error:
             self.send_reply(ex, Reply.error(ex.pending_error))
             return
+        gate = self.gate
+        if gate is not None:
+            self.send_reply(ex, gate(ex))
+            return
         route = ex.route
         if route is None:
             self.send_reply(ex, Reply.error("no_route"))
@@ -558,6 +582,15 @@ class ClientConnection(asyncio.Protocol):
             conn = await connect(target, ex.route.upstream.timeouts.connect)
         except TimeoutError:
             code = "upstream_connect_timeout"
+        except ssl.SSLError as exc:
+            log.warning(
+                "TLS handshake with %s (%s) failed: %s",
+                target.label,
+                target.server_hostname,
+                describe_ssl_error(exc),
+                extra={"request_id": ex.request_id},
+            )
+            code = "upstream_tls_failed"
         except OSError as exc:
             log.warning(
                 "connect to %s failed: %s", target.label, exc, extra={"request_id": ex.request_id}

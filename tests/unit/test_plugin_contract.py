@@ -28,7 +28,7 @@ from gateway.proxy.exchange import Exchange
 
 
 def exchange() -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1"))  # type: ignore[arg-type]
+    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1", tls_client=None))  # type: ignore[arg-type]
     ex.request_id = "rid-1"
     ex.set_var("trace", [])
     return ex
