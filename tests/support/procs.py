@@ -46,18 +46,24 @@ def _env() -> dict[str, str]:
 
 
 class UpstreamProcess:
-    """``tests.support.upstream_server`` in its own process."""
+    """``tests.support.upstream_server`` in its own process. With ``tls`` (``cert``, ``key``
+    and optionally ``client_ca`` file paths) it also serves https on ``tls_port``; the
+    recording endpoints stay on the plain ``port``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        args = [sys.executable, "-m", "tests.support.upstream_server", str(self.port)]
+        self.tls_port = 0
+        if tls is not None:
+            self.tls_port = free_port()
+            args += ["--tls-port", str(self.tls_port)]
+            args += [a for k, v in tls.items() for a in (f"--{k.replace('_', '-')}", v)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.upstream_server", str(self.port)],
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port, self.proc)
+        if self.tls_port:
+            wait_for_port(self.tls_port, self.proc)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def received(self) -> list[dict[str, Any]]:
