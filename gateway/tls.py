@@ -523,10 +523,19 @@ def is_ip(host: str) -> bool:
     return True
 
 
+def is_handshake_failure(exc: OSError) -> bool:
+    """Whether an error connecting to an https target came from the TLS handshake: an
+    ``SSLError``, or a reset after the TCP connect (a refused TCP connect is
+    ``ConnectionRefusedError``), e.g. a plain-http server closing on the ClientHello."""
+    return isinstance(exc, ssl.SSLError | ConnectionResetError)
+
+
 def describe_ssl_error(exc: BaseException) -> str:
     """The useful part of an OpenSSL error, for logs."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).lower().replace("_", " ")
+    if isinstance(exc, ConnectionResetError) and not str(exc):
+        return "the connection was closed during the handshake"
     return str(exc) or type(exc).__name__

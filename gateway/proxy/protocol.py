@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -51,7 +50,7 @@ from gateway.plugin import Reply
 from gateway.proxy.chain import PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
-from gateway.tls import describe_ssl_error
+from gateway.tls import describe_ssl_error, is_handshake_failure
 from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -582,20 +581,24 @@ class ClientConnection(asyncio.Protocol):
             conn = await connect(target, ex.route.upstream.timeouts.connect)
         except TimeoutError:
             code = "upstream_connect_timeout"
-        except ssl.SSLError as exc:
-            log.warning(
-                "TLS handshake with %s (%s) failed: %s",
-                target.label,
-                target.server_hostname,
-                describe_ssl_error(exc),
-                extra={"request_id": ex.request_id},
-            )
-            code = "upstream_tls_failed"
         except OSError as exc:
-            log.warning(
-                "connect to %s failed: %s", target.label, exc, extra={"request_id": ex.request_id}
-            )
-            code = "upstream_connect_failed"
+            if target.ssl is not None and is_handshake_failure(exc):
+                code = "upstream_tls_failed"
+                log.warning(
+                    "TLS handshake with %s (%s) failed: %s",
+                    target.label,
+                    target.server_hostname,
+                    describe_ssl_error(exc),
+                    extra={"request_id": ex.request_id},
+                )
+            else:
+                code = "upstream_connect_failed"
+                log.warning(
+                    "connect to %s failed: %s",
+                    target.label,
+                    exc,
+                    extra={"request_id": ex.request_id},
+                )
         ex.task = None
         if code:
             if not ex.done and not self.closed:
