@@ -144,12 +144,13 @@ def request_head(
     host = (
         ex.host if (route is not None and route.preserve_host and ex.host) else target.host_header
     )
-    peer = ex.conn.peer_ip_bytes
+    conn = ex.conn
+    peer = conn.peer_ip_bytes
     if trusted_peer and xff:
         parts += (b"x-forwarded-for: ", b", ".join(xff), b", ", peer, b"\r\n")
     else:
         parts += (b"x-forwarded-for: ", peer, b"\r\n")
-    parts += (b"x-forwarded-proto: ", xfp if (trusted_peer and xfp) else ex.conn.scheme, b"\r\n")
+    parts += (b"x-forwarded-proto: ", xfp if (trusted_peer and xfp) else conn.scheme, b"\r\n")
     fwd_host = xfh if (trusted_peer and xfh) else ex.host
     if fwd_host:  # an HTTP/1.0 request may carry no Host at all
         parts += (b"x-forwarded-host: ", fwd_host, b"\r\n")
@@ -160,7 +161,7 @@ def request_head(
     elif ex.length_header is not None:
         parts += (b"content-length: ", ex.length_header, b"\r\n")
     parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
-    client_cert = ex.conn.tls_client
+    client_cert = conn.tls_client
     if client_cert is not None:
         parts.append(client_cert.header_block)
     parts += (b"host: ", host, b"\r\n\r\n")
