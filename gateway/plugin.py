@@ -119,12 +119,19 @@ class Plugin:
         self.config = config
         self.fail_open = config.failure_mode == "open"
         self.errors = 0
+        #: The route this instance belongs to (set by the compiler); None for global plugins.
+        self.route_name: str | None = None
 
     async def start(self) -> None:
         """Start per-worker background work. Called once per worker before serving."""
 
     async def stop(self) -> None:
         """Stop what ``start`` started. Called once per worker on shutdown."""
+
+    def status(self) -> dict[str, Any]:
+        """State for the admin ``/status`` (JSON-able). ``"ready": False`` makes ``/readyz``
+        answer 503. Plugins with nothing to report keep this default."""
+        return {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

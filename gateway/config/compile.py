@@ -413,7 +413,15 @@ class _Compiler:
             self.error(("forwarding", "request_id_header"), "not a valid header name")
         if fc.via is not None and (not fc.via or any(c in fc.via for c in "\r\n,")):
             self.error(("forwarding", "via"), "must be a plain name, or null to send no Via")
-        return Forwarding(nets, fc.via, fc.request_id_header, self.identity_headers)
+        tc = self.config.tracing
+        return Forwarding(
+            nets,
+            fc.via,
+            fc.request_id_header,
+            tc.enabled,
+            tc.sample_ratio,
+            identity_headers=self.identity_headers,
+        )
 
     def plugins(self, specs: list[PluginSpec]) -> list[Plugin]:
         out = []
@@ -491,6 +499,8 @@ class _Compiler:
                     if not rewrite.startswith(b"/"):
                         self.error((*loc, "prefix_rewrite"), "must start with /")
             route_plugins = self.plugins(rc.plugins)
+            for p in route_plugins:
+                p.route_name = rc.name
             out.append(
                 Route(
                     name=rc.name,
@@ -507,6 +517,7 @@ class _Compiler:
                     prefix_rewrite=rewrite,
                     preserve_host=rc.preserve_host,
                     max_body_size=rc.max_body_size or 0,
+                    access_log=rc.access_log,
                 )
             )
         return out

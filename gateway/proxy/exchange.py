@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.http.headers import Headers
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from gateway.proxy.router import Route
     from gateway.upstream.connection import UpstreamConnection
     from gateway.upstream.target import Target
+
+_monotonic = time.monotonic
 
 # How the request body is framed.
 BODY_NONE = 0
@@ -27,7 +30,8 @@ class Exchange:
     upstream is contacted), ``host``, ``client_ip``, ``route``, ``request_id``; after the
     response head: ``status`` and ``response_headers``. ``vars`` is a dict for plugins' own
     per-request state, created on first use via ``ex.var()``/``ex.set_var()``; ``user`` is the
-    identity an auth plugin established.
+    identity an auth plugin established; ``note()`` records a plugin decision for the access
+    log.
     """
 
     __slots__ = (
@@ -50,6 +54,7 @@ class Exchange:
         "length_header",
         "max_body",
         "method",
+        "notes",
         "path",
         "pending_error",
         "plugins_ran",
@@ -64,7 +69,12 @@ class Exchange:
         "retries",
         "route",
         "status",
+        "t_start",
+        "t_upstream",
+        "t_upstream_head",
         "task",
+        "trace_id",
+        "traceparent",
         "upstream",
         "upstream_target",
         "url",
@@ -114,6 +124,12 @@ class Exchange:
         # A verified client certificate (gateway.tls) shows as tls.client_* variables.
         client_cert = conn.tls_client
         self.vars: dict[str, Any] | None = None if client_cert is None else client_cert.vars.copy()
+        self.notes: dict[str, Any] | None = None
+        self.t_start = _monotonic()  # the request's first byte (or the error replacing it)
+        self.t_upstream = 0.0  # upstream request started (0.0: never)
+        self.t_upstream_head = 0.0  # upstream response head received
+        self.trace_id = ""
+        self.traceparent: bytes | None = None
 
     def var(self, name: str, default: Any = None) -> Any:
         v = self.vars
@@ -123,6 +139,12 @@ class Exchange:
         if self.vars is None:
             self.vars = {}
         self.vars[name] = value
+
+    def note(self, key: str, value: Any) -> None:
+        """Record a plugin decision for the access log (e.g. ``note("ratelimit", "limited")``)."""
+        if self.notes is None:
+            self.notes = {}
+        self.notes[key] = value
 
     def __repr__(self) -> str:
         return (

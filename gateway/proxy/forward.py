@@ -14,6 +14,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from gateway.http import trace
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
 from gateway.proxy.exchange import BODY_CHUNKED
@@ -60,6 +61,8 @@ class Forwarding:
         "request_id_header",
         "request_id_raw",
         "request_own",
+        "sample_ratio",
+        "trace",
         "trusted",
         "via",
     )
@@ -69,6 +72,8 @@ class Forwarding:
         trusted: Sequence[IPNetwork],
         via: str | None,
         request_id_header: str,
+        trace: bool = True,
+        sample_ratio: float = 1.0,
         identity_headers: Sequence[str] = (),
     ) -> None:
         self.trusted = tuple(trusted)
@@ -82,6 +87,10 @@ class Forwarding:
             | {self.request_id_header}
             | {h.lower().encode("latin-1") for h in identity_headers}
         )
+        if trace:
+            self.request_own |= {b"traceparent"}
+        self.trace = trace
+        self.sample_ratio = sample_ratio
         self._trust_cache: dict[str, bool] = {}
 
     def is_trusted(self, ip: str) -> bool:
@@ -127,6 +136,7 @@ def request_head(
     parts.append(b" HTTP/1.1\r\n")
     xff: list[bytes] = []
     xfp = xfh = via = b""
+    traceparent: bytes | None = None
     own = fwd.request_own
     for lname, raw, value in ex.headers.items:
         if lname in HOP_BY_HOP or lname in own:
@@ -138,6 +148,8 @@ def request_head(
                 xfh = value
             elif lname == b"via":
                 via = value if not via else via + b", " + value
+            elif lname == b"traceparent":
+                traceparent = value
             continue
         parts += (raw, b": ", value, b"\r\n")
     route = ex.route
@@ -161,6 +173,13 @@ def request_head(
     elif ex.length_header is not None:
         parts += (b"content-length: ", ex.length_header, b"\r\n")
     parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
+    if fwd.trace:
+        ours = ex.traceparent
+        if ours is None:  # a retry keeps the first attempt's
+            trace_id, ours = trace.child(traceparent, fwd.sample_ratio)
+            ex.trace_id = trace_id.decode()
+            ex.traceparent = ours
+        parts += (b"traceparent: ", ours, b"\r\n")
     client_cert = conn.tls_client
     if client_cert is not None:
         parts.append(client_cert.header_block)
