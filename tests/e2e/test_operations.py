@@ -52,11 +52,19 @@ def _requests_by_code(g: GatewayProcess, route: str) -> dict[str, float]:
 
 class Load:
     """Clients in threads sending requests until stopped: half on keep-alive connections
-    (reopened when the gateway says ``Connection: close``), half on a new connection each."""
+    (reopened when the gateway says ``Connection: close``), half on a new connection each.
+    ``connect`` opens a connection (e.g. a TLS one)."""
 
-    def __init__(self, port: int, threads: int = 4, path: str = "/echo") -> None:
+    def __init__(
+        self,
+        port: int,
+        threads: int = 4,
+        path: str = "/echo",
+        connect: Callable[[int], Conn] = Conn,
+    ) -> None:
         self.port = port
         self.path = path
+        self.connect = connect
         self.ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -79,13 +87,14 @@ class Load:
             try:
                 if keep_alive:
                     if conn is None:
-                        conn = Conn(self.port)
+                        conn = self.connect(self.port)
                     resp = conn.request("GET", self.path)
                     if (resp.header("connection") or "").lower() == "close":
                         conn.close()
                         conn = None
                 else:
-                    resp = request(self.port, "GET", self.path)
+                    with self.connect(self.port) as once:
+                        resp = once.request("GET", self.path)
                 self._record(resp, None)
             except Exception as exc:
                 self._record(None, repr(exc))

@@ -23,6 +23,8 @@ from cryptography import x509
 
 from gateway.tls import key_type
 from tests.conftest import proxy_config
+from tests.e2e.test_operations import Load
+from tests.e2e.test_operations import _wait as wait_until
 from tests.support.certs import CertDir, Issued
 from tests.support.client import Conn, Response
 from tests.support.procs import GatewayProcess, UpstreamProcess, free_port, run_cli, wait_for_port
@@ -531,3 +533,70 @@ def test_upstream_tls(
     resp = get("/mutual_no_cert/echo")
     assert resp.status == 502, resp.body
     assert resp.json()["error"]["code"] in ("upstream_tls_failed", "upstream_reset")
+
+
+# -- reload ------------------------------------------------------------------------------------
+def test_certificate_rotation_by_reload_under_load(
+    pki: PKI,
+    upstream: UpstreamProcess,
+    tmp_path: Path,
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    old = pki.servers.issue("a.example", stem="rot-old")
+    new = pki.servers.issue("a.example", rsa=True, stem="rot-new")
+    shutil.copy(old.cert, cert)
+    shutil.copy(old.key, key)
+    port = free_port()
+    config = proxy_config(upstream.url)
+    config["workers"] = 2
+    config["listeners"] = [
+        {
+            "name": "secure",
+            "bind": f"127.0.0.1:{port}",
+            "tls": {"certificates": [{"cert": str(cert), "key": str(key)}]},
+        }
+    ]
+    g = start_gateway(config, port=port)
+    ctx = pki.client_context()
+
+    def served_key_type() -> str:
+        with tls_conn(port, ctx) as c:
+            assert isinstance(c.sock, ssl.SSLSocket)
+            return peer_key_type(c.sock)
+
+    assert served_key_type() == "ECDSA"
+    with Load(port, threads=4, connect=lambda p: tls_conn(p, ctx)) as load:
+        wait_until(lambda: load.ok > 30, what="load to start")
+        shutil.copy(new.cert, cert)
+        shutil.copy(new.key, key)
+        resp = g.admin("POST", "/reload")
+        assert resp.status == 200 and resp.json()["result"] == "success", resp.body
+        wait_until(lambda: served_key_type() == "RSA", what="the new certificate")
+        # a broken pair is refused; the running config keeps serving the last good one
+        shutil.copy(old.key, key)
+        resp = g.admin("POST", "/reload")
+        assert resp.status == 422, resp.body
+        errors = resp.json()["errors"]
+        assert errors == [
+            f"listeners[0].tls.certificates[0].key: {key} does not match the certificate in "
+            f"{cert} (subject {subject_of(new)}) (line {line_of(g, 'key:')})"
+        ], errors
+        before = load.ok
+        wait_until(lambda: load.ok > before + 30, what="load after the reloads")
+        assert served_key_type() == "RSA"
+    assert load.failures == [], load.failures[:5]
+
+
+def subject_of(issued: Issued) -> str:
+    cert = x509.load_pem_x509_certificate(issued.leaf.cert_chain_pems[0].bytes())
+    return cert.subject.rfc4514_string()
+
+
+def line_of(g: GatewayProcess, needle: str) -> int:
+    for i, text in enumerate(g.config_path.read_text().splitlines(), 1):
+        if needle in text:
+            return i
+    raise AssertionError(needle)
