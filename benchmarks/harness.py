@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks import loadgen, machine, nginx, profile, report
+from benchmarks import loadgen, machine, nginx, profile, report, tlscert
 from benchmarks.procs import (
     Proc,
     Processes,
@@ -52,6 +52,7 @@ from benchmarks.procs import (
     descendants,
     free_port,
     rss_kb,
+    wait_answering,
     wait_listening,
 )
 from benchmarks.scenarios import BY_NAME, PLANNED, Scenario, select
@@ -122,14 +123,15 @@ class Bench:
 class ProxyUnderTest:
     """A running gateway (N processes on one port) or nginx (master + N workers)."""
 
-    def __init__(self, name: str, port: int, procs: list[Proc]) -> None:
+    def __init__(self, name: str, port: int, procs: list[Proc], scheme: str = "http") -> None:
         self.name = name
         self.port = port
         self.procs = procs
+        self.scheme = scheme
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def pids(self) -> list[int]:
         return [pid for proc in self.procs for pid in proc.pids()]
@@ -152,11 +154,26 @@ class ProxyUnderTest:
 # -- starting the proxies ------------------------------------------------------------------
 
 
+def tls_files(bench: Bench, scenarios: list[Scenario]) -> tuple[Path, Path] | None:
+    """The certificate and key when the scenarios are HTTPS ones (all or none of them)."""
+    if not any(s.tls for s in scenarios):
+        return None
+    if not all(s.tls for s in scenarios):
+        raise ValueError("HTTPS and plain scenarios cannot share one proxy")
+    return tlscert.write_certificate(bench.work / "tls")
+
+
 def gateway_config(
-    port: int, upstreams: dict[str, Upstream], scenarios: list[Scenario]
+    port: int,
+    upstreams: dict[str, Upstream],
+    scenarios: list[Scenario],
+    tls: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
+    listener: dict[str, Any] = {"name": "public", "bind": f"127.0.0.1:{port}"}
+    if tls is not None:
+        listener["tls"] = {"certificates": [{"cert": str(tls[0]), "key": str(tls[1])}]}
     return {
-        "listeners": [{"name": "public", "bind": f"127.0.0.1:{port}"}],
+        "listeners": [listener],
         "upstreams": {
             name: {
                 "targets": [{"url": up.url}],
@@ -178,7 +195,8 @@ def start_gateway(
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = directory / "gateway.yaml"
-    config = gateway_config(port, bench.upstreams, scenarios)
+    tls = tls_files(bench, scenarios)
+    config = gateway_config(port, bench.upstreams, scenarios, tls)
     conf.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = [
@@ -192,13 +210,15 @@ def start_gateway(
         )
         for i in range(workers)
     ]
+    proxy = ProxyUnderTest("gateway", port, started, "https" if tls else "http")
     try:
         wait_listening(started, port)
+        wait_answering(proxy.url + scenarios[0].path)
     except Exception:
         for proc in started:
             bench.procs.stop(proc)
         raise
-    return ProxyUnderTest("gateway", port, started)
+    return proxy
 
 
 def start_nginx_proxy(
@@ -206,7 +226,8 @@ def start_nginx_proxy(
 ) -> ProxyUnderTest:
     port = free_port()
     upstream_ports = {name: up.port for name, up in bench.upstreams.items()}
-    nginx.write_proxy_config(directory, port, workers, upstream_ports, scenarios)
+    tls = tls_files(bench, scenarios)
+    nginx.write_proxy_config(directory, port, workers, upstream_ports, scenarios, tls)
     proc = bench.procs.start(
         "nginx proxy",
         nginx.argv(binary, directory, "proxy"),
@@ -221,7 +242,7 @@ def start_nginx_proxy(
     except Exception:
         bench.procs.stop(proc)
         raise
-    return ProxyUnderTest("nginx", port, [proc])
+    return ProxyUnderTest("nginx", port, [proc], "https" if tls else "http")
 
 
 def start_proxies(

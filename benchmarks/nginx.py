@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from benchmarks.scenarios import DOWNLOAD_BYTES, POST_BYTES, SMALL_BODY, Scenario, json_body
+from gateway.tls import MODERN_CIPHERS
 
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 #: The gateway bench config's ``limits.max_connections``. nginx preallocates and touches its
@@ -125,9 +126,16 @@ def write_upstream_config(directory: Path, port: int, workers: int) -> Path:
 
 
 def write_proxy_config(
-    directory: Path, port: int, workers: int, upstreams: dict[str, int], scenarios: list[Scenario]
+    directory: Path,
+    port: int,
+    workers: int,
+    upstreams: dict[str, int],
+    scenarios: list[Scenario],
+    tls: tuple[Path, Path] | None = None,
 ) -> Path:
-    """The reference reverse proxy: one location per scenario path to its upstream."""
+    """The reference reverse proxy: one location per scenario path to its upstream. With
+    ``tls`` (certificate and key files) it terminates TLS as the gateway's defaults do:
+    TLS 1.2 and 1.3, the same TLS 1.2 suites, session tickets, ALPN http/1.1 (no http2)."""
     blocks = "".join(
         f"""
     upstream {name} {{
@@ -145,11 +153,20 @@ def write_proxy_config(
         }}"""
         for s in scenarios
     )
+    ssl = ""
+    if tls is not None:
+        ssl = f"""
+        ssl_certificate {tls[0]};
+        ssl_certificate_key {tls[1]};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {MODERN_CIPHERS};
+        ssl_prefer_server_ciphers on;
+        ssl_session_tickets on;"""
     conf = (
         _common(directory, workers, "proxy", PROXY_WORKER_CONNECTIONS)
         + f"""{blocks}
     server {{
-        listen 127.0.0.1:{port} backlog=2048 reuseport;
+        listen 127.0.0.1:{port}{" ssl" if tls else ""} backlog=2048 reuseport;{ssl}
         keepalive_requests 100000000;
         keepalive_timeout 60s;
         client_max_body_size 10m;

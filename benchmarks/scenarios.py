@@ -52,6 +52,8 @@ class Scenario:
     nginx_location: str = ""
     #: Part of the Locust file's user classes.
     locust: bool = True
+    #: Served over HTTPS by both proxies (TLS terminated by each; the upstream stays plain).
+    tls: bool = False
 
     def gateway_route(self) -> dict[str, Any]:
         route: dict[str, Any] = {
@@ -88,6 +90,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "idle_2000", "2,000 idle keep-alive connections (RSS)", kind="idle", path="/idle",
         idle_connections=2000, locust=False,
+    ),
+    Scenario(
+        "https_get", "plain GET over HTTPS (TLS 1.3), keep-alive", path="/https", tls=True,
+    ),
+    Scenario(
+        "https_handshake", "GET over HTTPS, a new connection and full handshake per request",
+        path="/https-new", tls=True, headers=(("Connection", "close"),),
     ),
 )  # fmt: skip
 
