@@ -59,14 +59,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from gateway import metrics
 from gateway.plugin import Reply
 
 if TYPE_CHECKING:
     import asyncio
 
     from gateway.proxy.exchange import Exchange
+    from gateway.proxy.protocol import ClientConnection
 
 log = logging.getLogger("gateway.tls")
+
+TLS_CONNECTIONS = metrics.counter(
+    "tls_connections_total",
+    "TLS connections established on listeners, by listener and protocol version.",
+    ("listener", "version"),
+)
+UPSTREAM_TLS_FAILURES = metrics.counter(
+    "upstream_tls_failures_total",
+    "Failed TLS handshakes with upstream targets, by target.",
+    ("target",),
+)
 
 #: TLS 1.2 suites: forward secrecy and AEAD only (Mozilla's "intermediate" list without DHE).
 #: TLS 1.3 suites are OpenSSL's defaults (all AEAD); Python cannot change them.
@@ -436,9 +449,8 @@ class ClientCertPolicy:
         self.missing: Gate | None = _refuse_without_cert if refuse else None
         self._cache: dict[bytes, ClientCert] = {}
 
-    def identify(self, transport: asyncio.BaseTransport) -> ClientCert | None:
+    def identify(self, sslobj: ssl.SSLObject | None) -> ClientCert | None:
         """The connection's verified client certificate, or None when it sent none."""
-        sslobj = transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(True) if sslobj is not None else None
         if not der:
             return None
@@ -449,6 +461,39 @@ class ClientCertPolicy:
                 self._cache.clear()
             self._cache[der] = found
         return found
+
+
+class ListenerTLS:
+    """A TLS listener's per-connection work, once its handshake is done: count it, and take
+    the client certificate (or set the 403 gate) when the listener asks for one."""
+
+    __slots__ = ("_by_version", "certificates", "client_certs", "name")
+
+    def __init__(
+        self, name: str, certificates: ServerCertificates, client_certs: ClientCertPolicy | None
+    ) -> None:
+        self.name = name
+        self.certificates = certificates
+        self.client_certs = client_certs
+        self._by_version: dict[str | None, Any] = {}
+
+    def accept(self, conn: ClientConnection, transport: asyncio.BaseTransport) -> None:
+        sslobj = transport.get_extra_info("ssl_object")
+        version = sslobj.version() if sslobj is not None else None
+        counter = self._by_version.get(version)
+        if counter is None:
+            counter = TLS_CONNECTIONS.labels(self.name, version or "unknown")
+            self._by_version[version] = counter
+        counter.inc()
+        policy = self.client_certs
+        if policy is not None:
+            conn.tls_client = policy.identify(sslobj)
+            if conn.tls_client is None:
+                conn.gate = policy.missing
+
+
+def upstream_tls_failed(label: str) -> None:
+    UPSTREAM_TLS_FAILURES.labels(label).inc()
 
 
 # -- plain-listener redirect and HSTS --------------------------------------------------------------

@@ -29,6 +29,7 @@ from gateway.tls import (
     CertKeyPair,
     ClientCertPolicy,
     HttpsRedirect,
+    ListenerTLS,
     ServerCertificates,
     ServerOptions,
     TLSFileError,
@@ -93,9 +94,8 @@ class Listener:
     ssl: ssl.SSLContext | None = None
     #: for ``loop.create_server(ssl_handshake_timeout=...)`` (None on plain listeners)
     ssl_handshake_timeout: float | None = None
-    certificates: ServerCertificates | None = None
-    #: client-certificate handling (None: none asked for)
-    client_certs: ClientCertPolicy | None = None
+    #: per-connection TLS work: metrics, client certificates (None on plain listeners)
+    tls: ListenerTLS | None = None
     #: the ``Strict-Transport-Security`` header line added to responses (b"": none)
     hsts: bytes = b""
     #: plain listener answering every request with a redirect to https (None: proxies)
@@ -286,8 +286,7 @@ class _Compiler:
             lc.backlog,
             ssl=certs.default,
             ssl_handshake_timeout=self.config.limits.header_timeout,
-            certificates=certs,
-            client_certs=policy,
+            tls=ListenerTLS(lc.name, certs, policy),
             hsts=hsts,
         )
 

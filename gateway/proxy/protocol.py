@@ -51,7 +51,7 @@ from gateway.plugin import Reply
 from gateway.proxy.chain import PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
-from gateway.tls import describe_ssl_error, is_handshake_failure
+from gateway.tls import describe_ssl_error, is_handshake_failure, upstream_tls_failed
 from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -212,10 +212,8 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = self.peer_ip
         self.trusted_peer = self.runtime.forwarding.is_trusted(self.peer_ip)
         listener = self.listener
-        if listener is not None and listener.client_certs is not None:
-            self.tls_client = listener.client_certs.identify(transport)
-            if self.tls_client is None:
-                self.gate = listener.client_certs.missing
+        if listener is not None and listener.tls is not None:
+            listener.tls.accept(self, transport)
         server.connections.add(self)
         if len(server.connections) > self.limits.max_connections:
             ex = Exchange(self)
@@ -586,6 +584,7 @@ class ClientConnection(asyncio.Protocol):
         except OSError as exc:
             if target.ssl is not None and is_handshake_failure(exc):
                 code = "upstream_tls_failed"
+                upstream_tls_failed(target.label)
                 log.warning(
                     "TLS handshake with %s (%s) failed: %s",
                     target.label,

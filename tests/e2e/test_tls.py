@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from cryptography import x509
 from gateway.tls import key_type
 from tests.conftest import proxy_config
 from tests.e2e.test_operations import Load
+from tests.e2e.test_operations import _metrics as metrics
 from tests.e2e.test_operations import _wait as wait_until
 from tests.support.certs import CertDir, Issued
 from tests.support.client import Conn, Response
@@ -240,6 +240,28 @@ def test_alpn_and_tls13_by_default(pki: PKI, gw: tuple[GatewayProcess, Listeners
     assert "ALPN protocol: http/1.1" in out
 
 
+def test_tls_connections_are_counted(pki: PKI, gw: tuple[GatewayProcess, Listeners]) -> None:
+    g, ports = gw
+    ctx = pki.client_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    for _ in range(2):
+        assert tls_get(ports.tls13, pki.client_context()).status == 200
+        assert tls_get(ports.secure, ctx).status == 200
+
+    def counted() -> dict[tuple[str, str], float]:
+        samples = metrics(g).get("gateway_tls_connections_total", {})
+        return {(dict(k)["listener"], dict(k)["version"]): v for k, v in samples.items()}
+
+    wait_until(
+        lambda: (
+            counted().get(("tls13", "TLSv1.3"), 0) >= 2
+            and counted().get(("secure", "TLSv1.2"), 0) >= 2
+        ),
+        what="TLS connection counts",
+    )
+    assert ("tls13", "TLSv1.2") not in counted()
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_sessions_resume(
     pki: PKI, gw: tuple[GatewayProcess, Listeners], version: ssl.TLSVersion
@@ -385,84 +407,62 @@ def write_config(path: Path, config: dict[str, Any]) -> str:
     return str(path)
 
 
-def served_names(port: int, pki: PKI) -> list[str]:
-    ctx = pki.client_context(verify=False)
-    with socket.create_connection(("127.0.0.1", port)) as s, ctx.wrap_socket(s) as ss:
-        return peer_sans(ss)
-
-
 def test_startup_and_check_report_certificate_problems(pki: PKI, tmp_path: Path) -> None:
     good = pki.servers.issue("good.example")
     enc = pki.servers.issue("enc.example", password="pw")
     missing = str(tmp_path / "missing.pem")
-    cases = [
-        (
-            {"cert": missing, "key": good.key},
-            f"listeners[0].tls.certificates[0].cert: cannot read {missing}: No such file or "
-            "directory",
-        ),
-        (
-            {"cert": good.cert, "key": pki.a_rsa.key},
-            f"listeners[0].tls.certificates[0].key: {pki.a_rsa.key} does not match the "
-            f"certificate in {good.cert}",
-        ),
-        (
-            {"cert": enc.cert, "key": enc.key},
-            f"listeners[0].tls.certificates[0].password: {enc.key} is encrypted: set password",
-        ),
-        (
-            {"cert": enc.cert, "key": enc.key, "password": "nope"},
-            f"listeners[0].tls.certificates[0].password: wrong password for {enc.key}",
-        ),
+    entries = [
+        {"cert": missing, "key": good.key},
+        {"cert": good.cert, "key": pki.a_rsa.key},
+        {"cert": enc.cert, "key": enc.key},
+        {"cert": enc.cert, "key": enc.key, "password": "nope"},
     ]
-    for i, (entry, message) in enumerate(cases):
-        path = write_config(tmp_path / f"c{i}.yaml", tls_listener_config(1, **entry))
-        done = run_cli("check", "-c", path)
-        assert done.returncode == 2 and f"{path}: {message}" in done.stderr, done.stderr
-        done = run_cli("run", "-c", path)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-    path = write_config(
-        tmp_path / "ok.yaml",
-        tls_listener_config(1, enc.cert, enc.key, password="${KEY_PW}"),
-    )
-    done = run_cli("check", "-c", path, env={"KEY_PW": "pw"})
-    assert done.returncode == 0, done.stderr
+    config = tls_listener_config(1, good.cert, good.key)
+    config["listeners"] = [
+        {"name": f"l{i}", "bind": f"127.0.0.1:{i + 1}", "tls": {"certificates": [entry]}}
+        for i, entry in enumerate(entries)
+    ]
+    path = write_config(tmp_path / "broken.yaml", config)
+    expected = [
+        f"listeners[0].tls.certificates[0].cert: cannot read {missing}: No such file or directory",
+        f"listeners[1].tls.certificates[0].key: {pki.a_rsa.key} does not match the certificate "
+        f"in {good.cert} (subject {subject_of(good)})",
+        f"listeners[2].tls.certificates[0].password: {enc.key} is encrypted: set password",
+        f"listeners[3].tls.certificates[0].password: wrong password for {enc.key}",
+    ]
+    done = run_cli("check", "-c", path)
+    assert done.returncode == 2
+    assert [line.split(" (line ")[0] for line in done.stderr.splitlines()] == [
+        *(f"{path}: {e}" for e in expected),
+        f"{path}: 4 error(s); config rejected",
+    ]
+    done = run_cli("run", "-c", path)
+    assert done.returncode == 2
+    assert all(e in done.stderr for e in expected), done.stderr
+    # an encrypted key with its password from the environment, and an expired certificate:
+    # accepted, the expiry as a warning
     expired = pki.servers.issue(
         "expired.example", not_after=datetime.datetime(2021, 3, 4, 5, 6, tzinfo=datetime.UTC)
     )
-    path = write_config(tmp_path / "old.yaml", tls_listener_config(1, expired.cert, expired.key))
-    done = run_cli("check", "-c", path)
+    config["listeners"] = [
+        {
+            "name": "a",
+            "bind": "127.0.0.1:1",
+            "tls": {
+                "certificates": [
+                    {"cert": enc.cert, "key": enc.key, "password": "${KEY_PW}"},
+                    {"cert": expired.cert, "key": expired.key},
+                ]
+            },
+        }
+    ]
+    path = write_config(tmp_path / "ok.yaml", config)
+    done = run_cli("check", "-c", path, env={"KEY_PW": "pw"})
     assert done.returncode == 0, done.stderr
     assert (
-        f"{path}: warning: listeners[0].tls.certificates[0].cert: certificate {expired.cert} "
+        f"{path}: warning: listeners[0].tls.certificates[1].cert: certificate {expired.cert} "
         "expired on 2021-03-04 05:06 UTC; clients will refuse it"
     ) in done.stderr
-
-
-def test_new_process_serves_rotated_certificate_and_check_refuses_a_broken_one(
-    pki: PKI, tmp_path: Path, start_gateway: Callable[..., GatewayProcess]
-) -> None:
-    live = tmp_path / "live"
-    live.mkdir()
-    cert, key = str(live / "cert.pem"), str(live / "key.pem")
-    old = pki.servers.issue("old.example")
-    new = pki.servers.issue("new.example")
-    shutil.copy(old.cert, cert)
-    shutil.copy(old.key, key)
-    first_port = free_port()
-    start_gateway(tls_listener_config(first_port, cert, key), port=first_port)
-    assert served_names(first_port, pki) == ["old.example"]
-    # rotate the files; a broken pair is refused by check (and by a reload, which compiles alike)
-    shutil.copy(new.cert, cert)
-    path = write_config(tmp_path / "rotated.yaml", tls_listener_config(1, cert, key))
-    done = run_cli("check", "-c", path)
-    assert done.returncode == 2 and "does not match the certificate" in done.stderr
-    shutil.copy(new.key, key)
-    assert run_cli("check", "-c", path).returncode == 0
-    second_port = free_port()
-    start_gateway(tls_listener_config(second_port, cert, key), port=second_port)
-    assert served_names(second_port, pki) == ["new.example"]
-    assert served_names(first_port, pki) == ["old.example"]  # loaded at start, kept
 
 
 # -- upstream TLS ----------------------------------------------------------------------------------
@@ -529,6 +529,14 @@ def test_upstream_tls(
         assert resp.status == 502, (name, resp.body)
         assert resp.json()["error"]["code"] == "upstream_tls_failed"
         assert f"failed: {reason}" in gw.logs(), name
+    expected = {
+        (("target", f"127.0.0.1:{up.tls_port}"),): 2,
+        (("target", f"127.0.0.1:{up.port}"),): 1,
+    }
+    wait_until(
+        lambda: metrics(gw).get("gateway_upstream_tls_failures_total") == expected,
+        what="upstream TLS failure counts",
+    )
     # a refused client certificate shows when the response is read (TLS 1.3)
     resp = get("/mutual_no_cert/echo")
     assert resp.status == 502, resp.body

@@ -64,8 +64,9 @@ def test_names_come_from_the_sans_and_same_name_certificates_share_a_context(
         tls_config(cert_entry(rsa) + cert_entry(ecdsa) + cert_entry(wild) + cert_entry(other))
     )
     lst = listener(rt)
-    tls = lst.certificates
-    assert tls is not None and lst.ssl is tls.default
+    assert lst.tls is not None
+    tls = lst.tls.certificates
+    assert lst.ssl is tls.default
     assert sorted(tls.exact) == ["a.example", "c.example", "www.a.example"]
     assert sorted(tls.wildcard) == ["b.example"]
     # RSA + ECDSA for a.example: one context, which is the default (the first certificate's)
@@ -91,8 +92,9 @@ def test_configured_names_replace_the_sans(certs: CertDir) -> None:
     rt = load(
         tls_config(cert_entry(first) + cert_entry(second, names="[Other.Example, '*.w.example']"))
     )
-    tls = listener(rt).certificates
-    assert tls is not None
+    lst = listener(rt)
+    assert lst.tls is not None
+    tls = lst.tls.certificates
     assert sorted(tls.exact) == ["a.example", "other.example"]
     assert sorted(tls.wildcard) == ["w.example"]
 
@@ -235,8 +237,8 @@ def test_client_cert_modes(certs: CertDir) -> None:
         rt = load(tls_config(cert_entry(a), "client_cert: " + conf % ca + "\n"))
         lst = listener(rt)
         assert lst.ssl is not None and lst.ssl.verify_mode == verify, conf
-        assert lst.client_certs is not None
-        assert (lst.client_certs.missing is not None) == refuse, conf
+        assert lst.tls is not None and lst.tls.client_certs is not None
+        assert (lst.tls.client_certs.missing is not None) == refuse, conf
         # the identity headers are never taken from clients, on any listener
         assert {b"x-client-cert-subject", b"x-client-cert-san"} <= rt.forwarding.request_own
 
