@@ -295,6 +295,9 @@ def test_https_proxying_and_hsts(
     assert (resp.status, resp.body) == (200, b"ok")
     assert resp.header_all("strict-transport-security") == ["max-age=600"]
     # gateway-made responses carry it too
+    resp = tls_get(ports.secure, pki.client_context(), "/reset")
+    assert resp.status == 502 and resp.json()["error"]["code"] == "upstream_reset"
+    assert resp.header_all("strict-transport-security") == ["max-age=600"]
     resp = tls_get(ports.tls13, pki.client_context(), "/echo")
     assert resp.header("strict-transport-security") is None  # not configured there
     with Conn(ports.plain) as c:
