@@ -45,8 +45,6 @@ as a rate limiter keyed by client, read.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import logging
 import re
 import ssl
 from collections.abc import Callable, Sequence
@@ -67,8 +65,6 @@ if TYPE_CHECKING:
 
     from gateway.proxy.exchange import Exchange
     from gateway.proxy.protocol import ClientConnection
-
-log = logging.getLogger("gateway.tls")
 
 TLS_CONNECTIONS = metrics.counter(
     "tls_connections_total",
@@ -297,7 +293,8 @@ class ServerCertificates:
     __slots__ = ("contexts", "default", "exact", "wildcard")
 
     def __init__(self, pairs: Sequence[CertKeyPair], opts: ServerOptions) -> None:
-        """Raises ``TLSFileError`` (``key`` is ``"certificates[i]"``-style: see ``conflict``)."""
+        """Raises ``CertificateConflict`` (naming the certificate at fault) or ``TLSFileError``
+        (a listener-wide setting: ``ciphers``, the client ``ca``)."""
         if not pairs:
             raise ValueError("at least one certificate is needed")
         by_name: dict[str, list[int]] = {}
@@ -558,14 +555,6 @@ def upstream_context(opts: UpstreamTLSOptions) -> ssl.SSLContext:
         opts.cert.load_into(ctx)
     ctx.set_alpn_protocols(ALPN)
     return ctx
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def is_handshake_failure(exc: OSError) -> bool:
