@@ -60,6 +60,10 @@ events {{
 http {{
     access_log off;
     server_tokens off;
+    log_format json escape=json '{{"ts":$msec,"request_id":"$request_id","client":"$remote_addr",'
+        '"method":"$request_method","path":"$uri","status":$status,"bytes_in":$request_length,'
+        '"bytes_out":$bytes_sent,"duration":$request_time,"upstream":"$upstream_addr",'
+        '"upstream_duration":"$upstream_response_time"}}';
 {temps}
 """
 
@@ -136,6 +140,7 @@ def write_proxy_config(
     """The reference reverse proxy: one location per scenario path to its upstream. With
     ``tls`` (certificate and key files) it terminates TLS as the gateway's defaults do:
     TLS 1.2 and 1.3, the same TLS 1.2 suites, session tickets, ALPN http/1.1 (no http2)."""
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
     blocks = "".join(
         f"""
     upstream {name} {{

@@ -13,14 +13,11 @@ master and workers, or N gateway processes, are counted together.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import time
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -248,31 +245,6 @@ def wait_listening(procs: Sequence[Proc], port: int, timeout: float = 20.0) -> N
             names = ", ".join(p.name for p in waiting)
             raise TimeoutError(f"{names} not listening on port {port} after {timeout:.0f}s")
         time.sleep(0.05)
-
-
-def wait_answering(url: str, timeout: float = 30.0) -> None:
-    """Until ``url`` gets an HTTP response (any status): a gateway's supervisor listens
-    before its workers are ready, and a load window must not start before they are."""
-    parts = urllib.parse.urlsplit(url)
-    deadline = time.monotonic() + timeout
-    while True:
-        conn: http.client.HTTPConnection
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                parts.netloc, timeout=2, context=ssl._create_unverified_context()
-            )
-        else:
-            conn = http.client.HTTPConnection(parts.netloc, timeout=2)
-        try:
-            conn.request("GET", parts.path or "/")
-            conn.getresponse().read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-        finally:
-            conn.close()
 
 
 def wait_connectable(port: int, timeout: float = 10.0) -> None:

@@ -193,6 +193,15 @@ class _Compiler:
             listener = self.listener_tls(("listeners", i), lc, host, port)
             if listener is not None:
                 out.append(listener)
+        admin = self.config.admin
+        if admin is not None:
+            try:
+                host, port = parse_bind(admin.bind)
+            except ValueError as exc:
+                self.error(("admin", "bind"), str(exc))
+            else:
+                if any((lst.host, lst.port) == (host, port) for lst in out):
+                    self.error(("admin", "bind"), "the same address as a listener")
         return tuple(out)
 
     def listener_tls(
