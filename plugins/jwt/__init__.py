@@ -56,6 +56,10 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _PendingReply = Coroutine[Any, Any, Reply | None]
 
 
+#: An anonymous pass (``allow_anonymous``): no identity, no claims, no forwarded headers.
+ANONYMOUS = Verified({}, 0.0, (), None, None)
+
+
 class _Issuer:
     __slots__ = ("allowed", "audiences", "keys", "name", "wait")
 
@@ -188,7 +192,7 @@ class JwtPlugin(Plugin):
             if token:
                 return self._verify(ex, raw, token)
         if self.allow_anonymous:
-            ex.note("jwt", "anonymous")
+            self._admit(ex, ANONYMOUS, "anonymous")
             return None
         return self._reject(ex, MISSING)
 
@@ -310,6 +314,8 @@ class JwtPlugin(Plugin):
         return None
 
     def _admit(self, ex: Exchange, entry: Verified, how: str) -> None:
+        """Let the request through as ``entry`` says: identity, claims, upstream headers
+        (the client's copies of the forwarded headers always removed first)."""
         drop = self.drop
         if drop:
             headers = ex.headers
@@ -322,8 +328,9 @@ class JwtPlugin(Plugin):
                 items.extend(entry.headers)
         if self.strip_other:
             self._strip_token(ex)
-        ex.user = entry.sub
-        ex.set_var("jwt.claims", entry.claims)
+        if entry is not ANONYMOUS:
+            ex.user = entry.sub
+            ex.set_var("jwt.claims", entry.claims)
         ex.note("jwt", how)
 
     def _strip_token(self, ex: Exchange) -> None:

@@ -54,10 +54,7 @@ class KeySpec(_Strict):
         from plugins.jwt.keys import Key
 
         if self.secret is not None:
-            secret = self.secret.encode()
-            if len(secret) < 32:
-                raise BadKey("an HMAC secret must be at least 32 bytes (RFC 7518 3.2)")
-            return [Key.hmac(secret, self.kid)]
+            return [Key.hmac(self.secret.encode(), self.kid)]
         if self.jwk is not None:
             return [parse_jwk_dict(self.jwk, self.kid, allow_secret=True)]
         if self.pem is not None:
@@ -90,6 +87,7 @@ class JwksSettings(_Strict):
         return self
 
 
+_HMAC_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 ASYMMETRIC = [a for a in ALGORITHMS if a not in HMAC_ALGS]
 
 
@@ -127,6 +125,10 @@ class IssuerConfig(_Strict):
         if self.discovery and not self.issuer.startswith(("http://", "https://")):
             raise ValueError("discovery needs an http:// or https:// issuer")
         hmac = [a for a in self.algorithms if a in HMAC_ALGS]
+        secret_algs = {a for spec in self.keys for k in spec.load() for a in k.algs} & HMAC_ALGS
+        for alg in hmac:
+            if secret_algs and alg not in secret_algs:
+                raise ValueError(f"{alg} needs a secret of {_HMAC_BYTES[alg]} bytes or more")
         secrets = [k for k in self.keys if k.secret is not None or _is_oct(k)]
         if hmac and not secrets:
             raise ValueError(f"{', '.join(hmac)} listed but no secret key is configured")

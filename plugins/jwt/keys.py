@@ -57,6 +57,7 @@ HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALG_BY_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _MIN_RSA_BITS = 2048
+_HMAC_MIN = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 
 class BadKey(ValueError):
@@ -76,8 +77,16 @@ class Key:
         self.thumb = _fingerprint(obj)
 
     @classmethod
-    def hmac(cls, secret: bytes, kid: str | None) -> Key:
-        return cls(secret, HMAC_ALGS, kid)
+    def hmac(cls, secret: bytes, kid: str | None, jwk_alg: str | None = None) -> Key:
+        """A secret verifies the HS* whose hash is no longer than it (RFC 7518 3.2)."""
+        algs = frozenset(a for a, size in _HMAC_MIN.items() if len(secret) >= size)
+        if not algs:
+            raise BadKey("an HMAC secret must be at least 32 bytes (RFC 7518 3.2)")
+        if jwk_alg is not None:
+            if jwk_alg not in algs:
+                raise BadKey(f"{jwk_alg} needs a secret of at least {_HMAC_MIN.get(jwk_alg)} bytes")
+            algs = frozenset({jwk_alg})
+        return cls(secret, algs, kid)
 
     def verify(self, alg: str, signing_input: bytes, signature: bytes) -> bool:
         """True when ``signature`` is valid for ``alg``; the caller checked ``alg in algs``."""
@@ -150,12 +159,9 @@ def parse_jwk_dict(jwk: dict[str, Any], kid: str | None = None, allow_secret: bo
         if kty == "oct":
             if not allow_secret:
                 raise BadKey("symmetric (oct) keys are accepted only from the config")
-            secret = HMACAlgorithm.from_jwk(jwk)
-            if len(secret) < 32:
-                raise BadKey("an HMAC secret must be at least 32 bytes (RFC 7518 3.2)")
             if jwk_alg is not None and jwk_alg not in HMAC_ALGS:
                 raise BadKey(f"the key's alg {jwk_alg!r} does not fit its key type")
-            return Key(secret, frozenset({jwk_alg}) if jwk_alg else HMAC_ALGS, kid)
+            return Key.hmac(HMACAlgorithm.from_jwk(jwk), kid, jwk_alg)
         if kty == "RSA":
             obj: Any = RSAAlgorithm.from_jwk(jwk)
         elif kty == "EC":

@@ -123,7 +123,10 @@ def test_key_types_bind_their_algorithms() -> None:
 @pytest.mark.parametrize(
     ("jwk", "message"),
     [
-        ({"kty": "oct", "k": "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr8"}, "only from the config"),
+        (
+            {"kty": "oct", "k": "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr8"},
+            "only from the config",
+        ),
         (public_jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), "w"), "2048"),
         ({"kty": "XYZ"}, "unsupported kty"),
         ({**public_jwk(ec_key(), "e"), "alg": "RS256"}, "does not fit"),
@@ -230,7 +233,7 @@ def test_unknown_kid_and_key_header_injection() -> None:
 
 
 def test_tampered_payload_is_refused() -> None:
-    h, p, s = mint(RSA, "RS256", kid="rsa1", sub="alice").encode().split(b".")
+    h, _, s = mint(RSA, "RS256", kid="rsa1", sub="alice").encode().split(b".")
     evil = base64url_encode(json.dumps({"sub": "admin", "exp": 9999999999}).encode()).encode()
     assert check(b".".join((h, evil, s)), RSA_KEYS) is SIGNATURE
 
