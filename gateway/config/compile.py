@@ -192,7 +192,8 @@ class _Compiler:
             self.error(("forwarding", "request_id_header"), "not a valid header name")
         if fc.via is not None and (not fc.via or any(c in fc.via for c in "\r\n,")):
             self.error(("forwarding", "via"), "must be a plain name, or null to send no Via")
-        return Forwarding(nets, fc.via, fc.request_id_header)
+        tc = self.config.tracing
+        return Forwarding(nets, fc.via, fc.request_id_header, tc.enabled, tc.sample_ratio)
 
     def plugins(self, specs: list[PluginSpec]) -> list[Plugin]:
         out = []
@@ -288,6 +289,7 @@ class _Compiler:
                     prefix_rewrite=rewrite,
                     preserve_host=rc.preserve_host,
                     max_body_size=rc.max_body_size or 0,
+                    access_log=rc.access_log,
                 )
             )
         return out

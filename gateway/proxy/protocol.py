@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
@@ -87,6 +88,7 @@ _SPECIAL = {
 }
 #: Connection options that name no header the forwarding does not drop anyway.
 _PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
+_monotonic = time.monotonic
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _RETRYABLE = frozenset({"upstream_reset"})
 
@@ -221,8 +223,7 @@ class ClientConnection(asyncio.Protocol):
                 task.cancel()
             if ex is active:
                 ex.reply_code = ex.reply_code or "client_closed"
-                if ex.route is not None and ex.route.chain.log_hooks:
-                    ex.route.chain.run_log(ex)
+                self._log(ex)
         self.pipeline.clear()
         self.active = self.parsing = None
 
@@ -554,6 +555,7 @@ class ClientConnection(asyncio.Protocol):
         assert ex.route is not None
         target = ex.route.upstream.pick()
         ex.upstream_target = target
+        ex.t_upstream = _monotonic()
         conn = target.pool.acquire()
         if conn is None:
             ex.task = asyncio.get_running_loop().create_task(self._connect(ex, target))
@@ -639,6 +641,7 @@ class ClientConnection(asyncio.Protocol):
             return
         conn = ex.upstream
         assert conn is not None and ex.route is not None
+        ex.t_upstream_head = _monotonic()
         ex.status = status
         ex.response_headers = Headers(headers)
         chain = ex.route.chain
@@ -830,9 +833,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _finished(self, ex: Exchange) -> None:
         ex.done = True
-        route = ex.route
-        if route is not None and route.chain.log_hooks:
-            route.chain.run_log(ex)
+        self._log(ex)
         if self.closed:
             return
         # The exchange's upstream is gone and can no longer resume reading for it.
@@ -855,6 +856,18 @@ class ClientConnection(asyncio.Protocol):
             ex.discard_body = True  # on_message_complete moves on to the next exchange
         else:
             self._next()
+
+    def _log(self, ex: Exchange) -> None:
+        """The log phase: plugins' log hooks, then metrics and the access log."""
+        route = ex.route
+        if route is not None and route.chain.log_hooks:
+            route.chain.run_log(ex)
+        observer = self.server.observer
+        if observer is not None:
+            try:
+                observer.finish(ex)
+            except Exception:
+                log.exception("observer failed", extra={"request_id": ex.request_id})
 
     def _next(self) -> None:
         self.active = None
@@ -913,8 +926,7 @@ class ClientConnection(asyncio.Protocol):
         if not ex.done:
             ex.done = True
             ex.reply_code = ex.reply_code or "aborted"
-            if ex.route is not None and ex.route.chain.log_hooks:
-                ex.route.chain.run_log(ex)
+            self._log(ex)
         if self.transport is not None:
             self.transport.abort()
 

@@ -257,7 +257,7 @@ def test_run_text_log_format(tmp_path: Path) -> None:
     finally:
         assert _stop(proc) == 0
     text = log.read_text()
-    assert " INFO    gateway: starting" in text
+    assert " INFO    gateway.supervisor: starting" in text
     assert not text.lstrip().startswith("{")
 
 
