@@ -10,6 +10,12 @@ compare before and after a hot-path change:
     python -m benchmarks.hotpath                 # µs per request (min of several runs)
     python -m benchmarks.hotpath --profile       # cProfile, sorted by own time
     python -m benchmarks.hotpath --callgrind     # instructions per request (needs valgrind)
+
+``--scenario`` picks the route: ``plain`` (the default, the history below), ``bearer`` (the
+same plain proxy, the request carrying an ``Authorization: Bearer`` JWT), ``jwt`` (that request
+through the jwt plugin, a verified-token cache hit), ``jwt_cold_rs256`` / ``jwt_cold_es256``
+(the cache off: a full verification per request). Compare ``jwt`` with ``bearer``: same bytes
+parsed, the difference is the plugin.
 """
 
 from __future__ import annotations
@@ -89,9 +95,31 @@ class FakeTransport:
         pass
 
 
-async def drive(requests: int) -> float:
+SCENARIOS = ("plain", "bearer", "jwt", "jwt_cold_rs256", "jwt_cold_es256")
+
+
+def scenario_setup(scenario: str) -> tuple[str, bytes]:
+    """The config and the request bytes for a scenario."""
+    if scenario == "plain":
+        return CONFIG, REQUEST
+    import json
+
+    from benchmarks import jwt_bench
+
+    alg = "ES256" if scenario.endswith("es256") else "RS256"
+    auth = b"Authorization: Bearer " + jwt_bench.token(alg).encode() + b"\r\n"
+    request = REQUEST[:-2] + auth + b"\r\n"
+    if scenario == "bearer":
+        return CONFIG, request
+    plugin = jwt_bench.plugin_config(cache=scenario == "jwt")
+    config = CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{json.dumps(plugin)}]}}")
+    return config, request
+
+
+async def drive(requests: int, scenario: str = "plain") -> float:
     """Proxy ``requests`` GETs; return the seconds spent."""
-    config, source = load_text(CONFIG, default_registry())
+    config_text, request = scenario_setup(scenario)
+    config, source = load_text(config_text, default_registry())
     runtime = compile_config(config, source)
     state = ServerState(runtime)
     target = runtime.targets()[0]
@@ -102,12 +130,12 @@ async def drive(requests: int) -> float:
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
     for _ in range(100):  # warm up
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
     client_transport.writes = 0
     start = time.perf_counter()
     for _ in range(requests):
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
     elapsed = time.perf_counter() - start
     if client_transport.writes != requests:
@@ -115,7 +143,7 @@ async def drive(requests: int) -> float:
     return elapsed
 
 
-def _instructions(requests: int) -> int:
+def _instructions(requests: int, scenario: str = "plain") -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         subprocess.run(
@@ -130,6 +158,8 @@ def _instructions(requests: int) -> int:
                 str(requests),
                 "--runs",
                 "1",
+                "--scenario",
+                scenario,
             ],
             check=True,
             capture_output=True,
@@ -157,26 +187,27 @@ def main() -> int:
         action="store_true",
         help="instructions per request under valgrind (deterministic)",
     )
+    parser.add_argument("--scenario", choices=SCENARIOS, default="plain")
     args = parser.parse_args()
     if args.callgrind:
         if shutil.which("valgrind") is None:
             print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
             return 1
         n = 3000
-        base, loaded = _instructions(0), _instructions(n)
+        base, loaded = _instructions(0, args.scenario), _instructions(n, args.scenario)
         print(f"{(loaded - base) / n:,.0f} instructions per proxied request (python side)")
         return 0
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        uvloop.run(drive(args.requests))
+        uvloop.run(drive(args.requests, args.scenario))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0))
+        uvloop.run(drive(0, args.scenario))
         return 0
-    best = min(uvloop.run(drive(args.requests)) for _ in range(args.runs))
+    best = min(uvloop.run(drive(args.requests, args.scenario)) for _ in range(args.runs))
     print(
         f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
         f"{args.runs})"

@@ -3,6 +3,7 @@ and real JWKS servers on loopback (rotated, emptied and taken down by the tests)
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -248,3 +249,80 @@ def test_endpoint_down_keeps_cached_keys_working(gw: GatewayProcess, rotating: J
         assert "serving the previous keys" in gw.logs()
     finally:
         rotating.down = False
+
+
+def test_rejections_metric_access_log_and_status(gw: GatewayProcess, idp: JwksServer) -> None:
+    expired = mint(RSA, "RS256", kid="k1", iss=idp.issuer, aud="orders", ttl=-120)
+    for _ in range(3):
+        assert get(gw, "/api/expired-probe", expired).status == 401
+    assert get(gw, "/api/ok-probe", token(idp)).status == 200
+    pattern = re.compile(
+        r'gateway_jwt_rejections_total\{(?=[^}]*route="api")(?=[^}]*reason="expired")[^}]*\} '
+        r"([0-9.e+]+)"
+    )
+
+    def expired_count() -> float:
+        m = pattern.search(gw.admin("GET", "/metrics").body.decode())
+        return float(m.group(1)) if m else 0.0
+
+    wait_for(lambda: expired_count() >= 3, "the rejection counter")
+    records = wait_for(
+        lambda: [r for r in gw.access_records() if r["path"].endswith("-probe")], "access log"
+    )
+    rejected = [r for r in records if r["path"] == "/api/expired-probe"]
+    assert rejected and all(r["plugins"] == {"jwt": "expired"} for r in rejected)
+    assert all(r["code"] == "invalid_token" and r["user"] is None for r in rejected)
+    ok = wait_for(lambda: [r for r in gw.access_records() if r["path"] == "/api/ok-probe"], "ok")
+    assert ok[0]["user"] == "alice" and ok[0]["plugins"]["jwt"] in ("verified", "cached")
+    status = gw.admin("GET", "/status").json()
+    jwt_status = [
+        p
+        for w in status["workers"]
+        for p in w.get("plugins", [])
+        if p["plugin"] == "jwt" and p["route"] == "api"
+    ]
+    assert jwt_status and jwt_status[0]["ready"] is True
+    assert jwt_status[0]["issuers"][idp.issuer]["kids"] == ["k1"]
+
+
+def test_readyz_waits_for_the_keys(
+    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    idp = JwksServer()
+    idp.down = True
+    try:
+        config = {
+            "upstreams": {"backend": {"targets": [{"url": upstream.url}]}},
+            "routes": [
+                {
+                    "name": "api",
+                    "match": {"path_prefix": "/"},
+                    "upstream": "backend",
+                    "plugins": [
+                        {
+                            "jwt": {
+                                "issuer": idp.issuer,
+                                "jwks_url": idp.jwks_url,
+                                "jwks": {"startup_timeout": "1s", "retry": "200ms"},
+                            }
+                        }
+                    ],
+                }
+            ],
+        }
+        g = start_gateway(config)
+        # started (the worker's start() gave up waiting after 1 s), but without keys
+        not_ready = g.admin("GET", "/readyz")
+        assert not_ready.status == 503
+        wait_for(
+            lambda: "a plugin is not ready" in g.admin("GET", "/readyz").body.decode(),
+            "the plugin's status",
+        )
+        resp = get(g, "/echo", token(idp, aud=None))
+        assert resp.status == 503 and resp.json()["error"]["code"] == "jwks_unavailable"
+        idp.set_keys(public_jwk(RSA, "k1"))
+        idp.down = False
+        wait_for(lambda: g.admin("GET", "/readyz").status == 200, "readiness")
+        assert get(g, "/echo", token(idp, aud=None)).status == 200
+    finally:
+        idp.stop()
