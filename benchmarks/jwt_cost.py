@@ -4,15 +4,22 @@
 * ``on_request`` with the cache disabled (a full verification) for RS256 and ES256;
 * ``jwt.decode`` (pyjwt) on the same tokens with the same checks, the reference for the cold path.
 
-    python -m benchmarks.jwt_cost [--number N]
+    python -m benchmarks.jwt_cost [--number N]   # timeit: µs per call, best of 5 repeats
+    python -m benchmarks.jwt_cost --callgrind    # instructions per call under valgrind
 
-Wall-clock micro-benchmark: run it on a quiet machine, compare the lines with each other (the
-ratios hold better than the absolute numbers). Each figure is the best of 5 repeats.
+The timeit figures are wall clock: run them on a quiet machine and compare the lines with
+each other. The callgrind figures (each loop run with N calls minus the same run with none)
+repeat to a fraction of a percent whatever the machine does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 import timeit
 from types import SimpleNamespace
@@ -22,6 +29,7 @@ import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from benchmarks import jwt_bench
 from gateway.http.headers import Headers
 from gateway.proxy.exchange import Exchange
 from plugins.jwt import JwtPlugin
@@ -120,10 +128,64 @@ def measure(number: int) -> dict[str, float]:
     return out
 
 
+LOOPS = ("cached", "cold_RS256", "cold_ES256", "pyjwt_RS256", "pyjwt_ES256")
+
+
+def loop(what: str, n: int) -> None:
+    """Run one measured operation ``n`` times (for callgrind; no timing)."""
+    rsa_key, ec_key = jwt_bench.RSA_PRIVATE, jwt_bench.EC_PRIVATE
+    alg = "ES256" if what.endswith("ES256") else "RS256"
+    token = jwt_bench.token(alg)
+    if what.startswith("pyjwt"):
+        key = (ec_key if alg == "ES256" else rsa_key).public_key()
+        for _ in range(n):
+            pyjwt.decode(
+                token, key, algorithms=[alg], audience=jwt_bench.AUDIENCE, issuer=jwt_bench.ISSUER
+            )
+        return
+    p = JwtPlugin(JwtConfig.model_validate(jwt_bench.plugin_config(what == "cached")["jwt"]))
+    ex, items = _exchange(token)
+    if what == "cached":
+        p.on_request(ex)
+    for _ in range(n):
+        ex.headers.items = list(items)
+        ex.vars = ex.notes = None
+        if p.on_request(ex) is not None:
+            raise AssertionError("refused")
+
+
+def _instructions(what: str, n: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+             "-m", "benchmarks.jwt_cost", "--loop", what, "--number", str(n)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        summary = subprocess.run(
+            ["callgrind_annotate", out], check=True, capture_output=True, text=True
+        ).stdout
+    m = re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", summary)
+    if m is None:
+        raise RuntimeError("no totals in callgrind output")
+    return int(m.group(1).replace(",", ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--number", type=int, default=20_000, help="calls per repeat (cached path)")
+    ap.add_argument("--callgrind", action="store_true", help="instructions per call (valgrind)")
+    ap.add_argument("--loop", choices=LOOPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.loop:
+        loop(args.loop, args.number)
+        return
+    if args.callgrind:
+        for what in LOOPS:
+            n = 2000 if what == "cached" else 200
+            per_call = (_instructions(what, n) - _instructions(what, 0)) / n
+            print(f"{what:12s} {per_call:12,.0f} instructions per call", flush=True)
+        return
     for name, us in measure(args.number).items():
         print(f"{name:45s} {us:8.2f} µs")
 

@@ -65,7 +65,11 @@ SCOPE = Reason("insufficient_scope", "the token lacks a required scope", 403)
 CLAIM = Reason("claim_mismatch", "a claim of the token is not allowed here", 403)
 KEYS_UNAVAILABLE = Reason("keys_unavailable", "the issuer's signing keys are unavailable", 503)
 
-ALL_REASONS: tuple[Reason, ...] = tuple(v for v in list(globals().values()) if type(v) is Reason)
+ALL_REASONS = (
+    MISSING, TOO_LARGE, MALFORMED, BAD_HEADER, BAD_PAYLOAD, ALG, CRIT, ISSUER, UNKNOWN_KID,
+    KEY_MISMATCH, SIGNATURE, EXPIRED, NO_EXP, NOT_YET, IAT_FUTURE, BAD_CLAIM, AUDIENCE,
+    REQUIRED, SCOPE, CLAIM, KEYS_UNAVAILABLE,
+)  # fmt: skip
 
 # The whole compact serialization in one C-level match: three base64url segments, no padding
 # (RFC 7515 2), the signature possibly empty (then rejected by the algorithm check).

@@ -333,3 +333,11 @@ def test_parse_jws_exposes_the_signing_input() -> None:
     assert isinstance(jws, Jws)
     assert jws.signing_input == token.rsplit(b".", 1)[0]
     assert jws.alg == "RS256" and jws.kid == "rsa1"
+
+
+def test_every_reason_is_listed_once() -> None:
+    import plugins.jwt.verify as v
+
+    defined = {id(x) for x in vars(v).values() if isinstance(x, Reason)}
+    assert defined == {id(r) for r in v.ALL_REASONS}
+    assert len(v.ALL_REASONS) == len(defined)
