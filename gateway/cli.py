@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -58,6 +59,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     gateway_log.setup(args.log_level or "info", args.log_format or "json")
     logger = logging.getLogger("gateway")
+    from gateway.supervisor import prepare_run_dir
+
+    run_dir = prepare_run_dir()
+    try:
+        return _supervise(args, logger, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _supervise(args: argparse.Namespace, logger: logging.Logger, run_dir: str) -> int:
+    from gateway import log as gateway_log
+    from gateway.supervisor import Supervisor, check_runtime
+
     registry = _registry()
     try:
         if args.config is None:
@@ -66,8 +80,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             text = Path(args.config).read_text(encoding="utf-8")
         config, source = load_text(text, registry, args.config or "<bundled example>")
         runtime = compile_config(config, source)
-        from gateway.supervisor import check_runtime
-
         check_runtime(runtime)
     except OSError as exc:
         logger.error("cannot read the config: %s", exc, extra={"config": args.config})
@@ -82,11 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     gateway_log.setup(level, fmt)
     import uvloop
 
-    from gateway.supervisor import Supervisor
-
     config_path = str(Path(args.config).resolve()) if args.config else None
     supervisor = Supervisor(
-        config_path, text, runtime, registry, ["--log-level", level, "--log-format", fmt]
+        config_path, text, runtime, registry, ["--log-level", level, "--log-format", fmt], run_dir
     )
     try:
         return int(uvloop.run(supervisor.run()))

@@ -138,20 +138,30 @@ class HistogramChild(_Child):
 
 
 class Family:
-    """A metric with labels; ``labels(*values)`` returns the (cached) child to update."""
+    """A metric with labels; ``labels(*values)`` returns the (cached) child to update.
 
-    def __init__(self, kind: str, prom: Any, make: Any) -> None:
+    The prometheus-client object is made on first use, not at import: the supervisor sets
+    ``PROMETHEUS_MULTIPROC_DIR`` after modules defining families are imported, and
+    prometheus-client picks its storage when a value is created."""
+
+    def __init__(
+        self, kind: str, name: str, help: str, labels: Sequence[str], make: Any, kw: Any
+    ) -> None:
         self.kind = kind
-        self._prom = prom
+        self.name = name
+        self._args = (help, tuple(labels), kw)
         self._make = make
+        self._prom: Any = None
         self._children: dict[tuple[str, ...], Any] = {}
 
     def labels(self, *values: str) -> Any:
         key = tuple(str(v) for v in values)
         child = self._children.get(key)
         if child is None:
-            prom = self._prom.labels(*key) if key else self._prom
-            child = self._make(prom)
+            prom = self._prom
+            if prom is None:
+                prom = self._prom = _create(self.kind, self.name, *self._args)
+            child = self._make(prom.labels(*key) if key else prom)
             self._children[key] = child
             _children.append(child)
         return child
@@ -160,21 +170,27 @@ class Family:
 _families: dict[str, Family] = {}
 
 
+def _create(kind: str, name: str, help: str, labels: tuple[str, ...], kw: Any) -> Any:
+    import prometheus_client
+    from prometheus_client import values
+
+    if multiprocess_dir() and values.ValueClass is values.MutexValue:
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    cls = {
+        "counter": prometheus_client.Counter,
+        "gauge": prometheus_client.Gauge,
+        "histogram": prometheus_client.Histogram,
+    }[kind]
+    return cls(PREFIX + name, help, labels, registry=None, **kw)
+
+
 def _family(kind: str, name: str, help: str, labels: Sequence[str], make: Any, **kw: Any) -> Family:
     existing = _families.get(name)
     if existing is not None:
         if existing.kind != kind:
             raise ValueError(f"metric {name} already defined as a {existing.kind}")
         return existing
-    import prometheus_client
-
-    cls = {
-        "counter": prometheus_client.Counter,
-        "gauge": prometheus_client.Gauge,
-        "histogram": prometheus_client.Histogram,
-    }[kind]
-    prom = cls(PREFIX + name, help, tuple(labels), registry=None, **kw)
-    fam = Family(kind, prom, make)
+    fam = Family(kind, name, help, labels, make, kw)
     _families[name] = fam
     return fam
 

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -98,13 +97,13 @@ class Supervisor:
         runtime: Runtime,
         registry: Registry,
         log_args: list[str],
+        run_dir: str,
     ) -> None:
         self.config_path = config_path
         self.registry = registry
         self.log_args = log_args
-        self.run_dir = tempfile.mkdtemp(prefix="gateway-")
-        self.metrics_dir = os.path.join(self.run_dir, "metrics")
-        os.mkdir(self.metrics_dir)
+        self.run_dir = run_dir
+        self.metrics_dir = os.path.join(run_dir, "metrics")
         self.sockets: dict[tuple[str, int], socket.socket] = {}
         self.workers: list[WorkerProc] = []  # current generation, by slot
         self.old: list[WorkerProc] = []  # draining generations
@@ -490,8 +489,17 @@ class Supervisor:
             sock.close()
         for task in list(self._tasks):
             task.cancel()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("stopped")
+
+
+def prepare_run_dir() -> str:
+    """Make this instance's run directory (metrics files, worker status, shared tables)
+    and point this process at it, before any metric value is created."""
+    run_dir = tempfile.mkdtemp(prefix="gateway-")
+    os.mkdir(os.path.join(run_dir, "metrics"))
+    os.environ[runinfo.RUN_DIR_ENV] = run_dir
+    os.environ[metrics.MULTIPROC_ENV] = os.path.join(run_dir, "metrics")
+    return run_dir
 
 
 def check_runtime(runtime: Runtime) -> None:

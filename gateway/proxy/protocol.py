@@ -878,9 +878,11 @@ class ClientConnection(asyncio.Protocol):
             self.active = ex
             self._start(ex)
         else:
+            # While draining, the worker's drain loop closes this connection once it has been
+            # idle for DRAIN_IDLE_GRACE: closing it now would race a client that reuses it
+            # at once, having been told nothing (this response's head left before the
+            # drain began, so without "Connection: close").
             self.idle_since = self.server.now
-            if self.server.draining:
-                self._close(lingering=False)
 
     def _reject(self, code: str, message: str | None = None) -> None:
         """Parsing cannot go on: answer the request being parsed with ``code``, then close."""

@@ -110,6 +110,8 @@ class GatewayProcess:
             config = dict(config)
             config.setdefault("listeners", [{"name": "public", "bind": f"127.0.0.1:{self.port}"}])
             config.setdefault("admin", {"bind": f"127.0.0.1:{self.admin_port}"})
+            if config["admin"]:
+                self.admin_port = int(str(config["admin"]["bind"]).rsplit(":", 1)[1])
             text = yaml.safe_dump(config, sort_keys=False)
         else:
             text = config.replace("{PORT}", str(self.port)).replace(
