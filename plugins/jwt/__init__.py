@@ -128,6 +128,8 @@ class JwtPlugin(Plugin):
         self.only = next(iter(self.issuers.values())) if len(self.issuers) == 1 else None
         self.cache = TokenCache(config.cache.max_entries)
         self._entries = self.cache.entries
+        self._cached = self._entries.get  # bound once: the hit path does no attribute walk
+        self._bump = self._entries.move_to_end
         self.forward = tuple(
             (claim, header.lower().encode(), header.encode())
             for claim, header in config.forward_claims.items()
@@ -192,10 +194,10 @@ class JwtPlugin(Plugin):
             raw = self._extract(ex)
         if raw is None:
             return self._no_token(ex)
-        entry = self._entries.get(raw)
+        entry = self._cached(raw)
         if entry is not None:
             if entry.expires > self.clock():
-                self._entries.move_to_end(raw)
+                self._bump(raw)
                 if self.drop or self.strip_other:
                     self._edit_headers(ex, entry)
                 ex.user = entry.sub
