@@ -326,3 +326,23 @@ def test_readyz_waits_for_the_keys(
         assert get(g, "/echo", token(idp, aud=None)).status == 200
     finally:
         idp.stop()
+
+
+def test_jku_and_x5u_listeners_receive_nothing(gw: GatewayProcess, idp: JwksServer) -> None:
+    listener = JwksServer()
+    attacker = rsa_key("attacker")
+    listener.set_keys(public_jwk(attacker, "k1"), public_jwk(attacker, "planted"))
+    try:
+        for kid in ("k1", "planted"):  # a known kid, and one the gateway has never seen
+            for headers in (
+                {"jku": listener.jwks_url},
+                {"x5u": listener.url + "/x.pem"},
+                {"jwk": public_jwk(attacker, kid)},
+            ):
+                tok = mint(attacker, "RS256", kid=kid, iss=idp.issuer, aud="orders",
+                           headers=headers)  # fmt: skip
+                assert get(gw, "/api/echo", tok).status == 401
+        time.sleep(0.2)  # room for a (wrong) background fetch to arrive; not a timing assert
+        assert listener.hits() == 0 and listener.connections == 0
+    finally:
+        listener.stop()
