@@ -10,22 +10,12 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_plugins import wait_for
 from tests.support.client import Conn, Response, request
 from tests.support.jwks_server import JwksServer, ec_key, mint, public_jwk, rsa_key
 from tests.support.procs import GatewayProcess, UpstreamProcess
 
 RSA = rsa_key()
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
