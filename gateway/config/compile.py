@@ -133,6 +133,15 @@ class _Compiler:
                 self.error(("listeners", i, "bind"), str(exc))
                 continue
             out.append(Listener(lc.name, host, port, lc.backlog))
+        admin = self.config.admin
+        if admin is not None:
+            try:
+                host, port = parse_bind(admin.bind)
+            except ValueError as exc:
+                self.error(("admin", "bind"), str(exc))
+            else:
+                if any((lst.host, lst.port) == (host, port) for lst in out):
+                    self.error(("admin", "bind"), "the same address as a listener")
         return tuple(out)
 
     def upstreams(self) -> dict[str, Upstream]:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import proxy_config
 from tests.support.client import Conn, Response, request
-from tests.support.procs import GatewayProcess, UpstreamProcess, free_port
+from tests.support.procs import GatewayProcess, UpstreamProcess, free_port, run_cli
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
@@ -447,3 +447,14 @@ def test_tracing_disabled_passes_the_header_through(
     seen = [{n.lower(): v for n, v in r["headers"]} for r in upstream.received()]
     assert seen[0]["traceparent"] == incoming
     assert "traceparent" not in seen[1]
+
+
+def test_unwritable_access_log_is_a_config_error(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    config = _base(upstream, workers=1, access_log={"path": "/proc/no/such/dir/access.log"})
+    config["listeners"] = [{"name": "p", "bind": f"127.0.0.1:{free_port()}"}]
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for verb in ("check", "run"):
+        result = run_cli(verb, "-c", str(path))
+        assert result.returncode == 2, (verb, result.stderr)
+        assert "access_log.path" in result.stderr and "No such file" in result.stderr
