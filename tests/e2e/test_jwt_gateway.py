@@ -13,7 +13,7 @@ import pytest
 from tests.e2e.test_plugins import wait_for
 from tests.support.client import Conn, Response, request
 from tests.support.jwks_server import JwksServer, ec_key, mint, public_jwk, rsa_key
-from tests.support.procs import GatewayProcess, UpstreamProcess
+from tests.support.procs import GatewayProcess, UpstreamProcess, wait_for_port
 
 RSA = rsa_key()
 
@@ -300,14 +300,23 @@ def test_readyz_waits_for_the_keys(
                 }
             ],
         }
-        g = start_gateway(config)
-        # started (the worker's start() gave up waiting after 1 s), but without keys
-        not_ready = g.admin("GET", "/readyz")
-        assert not_ready.status == 503
-        wait_for(
-            lambda: "a plugin is not ready" in g.admin("GET", "/readyz").body.decode(),
+        g = start_gateway(config, wait=False)  # it will not be ready: no keys
+
+        def readyz() -> Response | None:
+            try:
+                return g.admin("GET", "/readyz", timeout=2.0)
+            except OSError:
+                return None  # the admin listener is not up yet
+
+        # the worker started (its start() gave up waiting for the keys after 1 s) and serves,
+        # but says it is not ready
+        not_ready = wait_for(
+            lambda: (r := readyz()) is not None and b"a plugin is not ready" in r.body and r,
             "the plugin's status",
+            timeout=30,
         )
+        assert not_ready.status == 503
+        wait_for_port(g.port, g.proc)
         resp = get(g, "/echo", token(idp, aud=None))
         assert resp.status == 503 and resp.json()["error"]["code"] == "jwks_unavailable"
         idp.set_keys(public_jwk(RSA, "k1"))
