@@ -15,6 +15,12 @@ compare before and after a hot-path change:
 ``access-log`` (metrics and an access-log line per request, written to /dev/null by the
 writer thread, whose instructions callgrind counts too) or ``off`` (no log phase at all).
 ``--no-tracing`` turns the W3C traceparent off (on by default, as in the gateway).
+
+``--scenario`` picks the route: ``plain`` (the default, the history below), ``bearer`` (the
+same plain proxy, the request carrying an ``Authorization: Bearer`` JWT), ``jwt`` (that request
+through the jwt plugin, a verified-token cache hit), ``jwt_cold_rs256`` / ``jwt_cold_es256``
+(the cache off: a full verification per request). Compare ``jwt`` with ``bearer``: same bytes
+parsed, the difference is the plugin.
 """
 
 from __future__ import annotations
@@ -95,9 +101,34 @@ class FakeTransport:
         pass
 
 
-async def drive(requests: int, observe: str = "metrics", tracing: bool = True) -> float:
+SCENARIOS = ("plain", "bearer", "jwt", "jwt_cold_rs256", "jwt_cold_es256")
+
+
+def scenario_setup(scenario: str) -> tuple[str, bytes]:
+    """The config and the request bytes for a scenario."""
+    if scenario == "plain":
+        return CONFIG, REQUEST
+    import json
+
+    from benchmarks import jwt_bench
+
+    alg = "ES256" if scenario.endswith("es256") else "RS256"
+    auth = b"Authorization: Bearer " + jwt_bench.token(alg).encode() + b"\r\n"
+    request = REQUEST[:-2] + auth + b"\r\n"
+    if scenario == "bearer":
+        return CONFIG, request
+    plugin = jwt_bench.plugin_config(cache=scenario == "jwt")
+    config = CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{json.dumps(plugin)}]}}")
+    return config, request
+
+
+async def drive(
+    requests: int, observe: str = "metrics", tracing: bool = True, scenario: str = "plain"
+) -> float:
     """Proxy ``requests`` GETs; return the seconds spent."""
-    text = CONFIG if tracing else CONFIG + "tracing: {enabled: false}\n"
+    text, request = scenario_setup(scenario)
+    if not tracing:
+        text += "tracing: {enabled: false}\n"
     config, source = load_text(text, default_registry())
     runtime = compile_config(config, source)
     access = AccessLog(os.devnull) if observe == "access-log" else None
@@ -110,12 +141,12 @@ async def drive(requests: int, observe: str = "metrics", tracing: bool = True) -
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
     for _ in range(100):  # warm up
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
     client_transport.writes = 0
     start = time.perf_counter()
     for _ in range(requests):
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
     if access is not None:
         access.close()
@@ -170,8 +201,11 @@ def main() -> int:
     )
     parser.add_argument("--observe", choices=["metrics", "access-log", "off"], default="metrics")
     parser.add_argument("--no-tracing", action="store_true")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="plain")
     args = parser.parse_args()
     flags = ["--observe", args.observe] + (["--no-tracing"] if args.no_tracing else [])
+    if args.scenario != "plain":
+        flags += ["--scenario", args.scenario]
     tracing = not args.no_tracing
     if args.callgrind:
         if shutil.which("valgrind") is None:
@@ -187,14 +221,17 @@ def main() -> int:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        uvloop.run(drive(args.requests, args.observe, tracing))
+        uvloop.run(drive(args.requests, args.observe, tracing, args.scenario))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0, args.observe, tracing))
+        uvloop.run(drive(0, args.observe, tracing, args.scenario))
         return 0
-    best = min(uvloop.run(drive(args.requests, args.observe, tracing)) for _ in range(args.runs))
+    best = min(
+        uvloop.run(drive(args.requests, args.observe, tracing, args.scenario))
+        for _ in range(args.runs)
+    )
     print(
         f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
         f"{args.runs})"

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from benchmarks import jwt_bench
+
 #: Body sizes the static upstream and the scenarios agree on.
 SMALL_BODY = b'{"message":"hello from the benchmark upstream"}\n'
 POST_BYTES = 4096
@@ -104,11 +106,27 @@ SCENARIOS: tuple[Scenario, ...] = (
         "https_handshake", "GET over HTTPS, a new connection and full handshake per request",
         path="/https-new", tls=True, headers=(("Connection", "close"),),
     ),
+    # JWT (plugins/jwt): one token per load generator, verified once then a cache hit ...
+    Scenario(
+        "jwt_cached", "JWT RS256, verified-token cache hit", path="/jwt-cached",
+        headers=(("Authorization", f"Bearer {jwt_bench.token('RS256')}"),),
+        route={"plugins": [jwt_bench.plugin_config(cache=True)]},
+    ),
+    # ... and with the cache off: a full verification per request (pyjwt's cost plus the proxy)
+    Scenario(
+        "jwt_cold_rs256", "JWT RS256, cache off: verified every request", path="/jwt-rs256",
+        headers=(("Authorization", f"Bearer {jwt_bench.token('RS256')}"),),
+        route={"plugins": [jwt_bench.plugin_config(cache=False)]},
+    ),
+    Scenario(
+        "jwt_cold_es256", "JWT ES256, cache off: verified every request", path="/jwt-es256",
+        headers=(("Authorization", f"Bearer {jwt_bench.token('ES256')}"),),
+        route={"plugins": [jwt_bench.plugin_config(cache=False)]},
+    ),
 )  # fmt: skip
 
 #: Scenarios whose plugins do not exist yet; each is added to ``SCENARIOS`` by its issue.
 PLANNED: tuple[tuple[str, str], ...] = (
-    ("jwt", "JWT-protected route, tokens minted from the bench config's key (JWT plugin)"),
     ("rate_limit", "rate-limited route, limit above the offered load (rate-limit plugin)"),
     ("llm_json", "LLM chat completion, JSON, to the fake LLM (LLM plugin)"),
     ("llm_stream", "LLM chat completion, SSE stream, to the fake LLM (LLM plugin)"),

@@ -1,4 +1,4 @@
-"""The ``gateway`` command: ``run``, ``check``, ``version``."""
+"""The ``gateway`` command: ``run``, ``check``, ``version``, ``keys``."""
 
 from __future__ import annotations
 
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
+    from plugins.jwt.tool import add_parser as add_keys_parser
+
+    add_keys_parser(sub)  # gateway keys generate | mint: test JWTs for the jwt plugin
     return parser
 
 

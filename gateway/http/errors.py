@@ -12,8 +12,10 @@ import orjson
 ERRORS: dict[str, tuple[int, str]] = {
     "bad_request": (400, "malformed HTTP request"),
     "unauthorized": (401, "authentication required"),
+    "invalid_token": (401, "the access token is not valid"),
     "forbidden": (403, "forbidden"),
     "client_cert_required": (403, "a valid client certificate is required"),
+    "insufficient_scope": (403, "the access token does not grant access to this resource"),
     "no_route": (404, "no route matches this request"),
     "request_timeout": (408, "the request headers were not received in time"),
     "body_timeout": (408, "the request body was not received in time"),
@@ -30,6 +32,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "upstream_tls_failed": (502, "the TLS handshake with the upstream failed"),
     "no_healthy_upstream": (503, "no upstream target is available"),
     "too_many_connections": (503, "the gateway is at its connection limit"),
+    "jwks_unavailable": (503, "the token issuer's signing keys could not be loaded"),
     "upstream_connect_timeout": (504, "timed out connecting to the upstream"),
     "upstream_timeout": (504, "the upstream did not respond in time"),
     "plugin_timeout": (504, "the request plugins did not finish in time"),

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -536,15 +537,23 @@ class ClientConnection(asyncio.Protocol):
                 return
             reply = chain.run_request(ex)
             if reply is not None:
-                self.send_reply(ex, reply)
+                if isinstance(reply, Reply):
+                    self.send_reply(ex, reply)
+                else:  # a sync hook needs I/O this time: the rest of the phase in a task
+                    ex.plugins_since = self.server.now
+                    ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex, reply))
                 return
         else:
             ex.plugins_ran = len(chain.plugins)
         self._forward(ex)
 
-    async def _run_plugins(self, ex: Exchange) -> None:
+    async def _run_plugins(
+        self, ex: Exchange, pending: Awaitable[Reply | None] | None = None
+    ) -> None:
         assert ex.route is not None
-        reply = await ex.route.chain.run_request_async(ex)
+        if pending is None:
+            pending = ex.route.chain.run_request_async(ex)
+        reply = await pending
         ex.task = None
         if ex.done or self.closed:
             return
