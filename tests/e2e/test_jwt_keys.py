@@ -53,7 +53,7 @@ async def make_plugin() -> AsyncIterator[Callable[..., Awaitable[JwtPlugin]]]:
 
 
 def exchange(token: str) -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1"))  # type: ignore[arg-type]
+    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1", tls_client=None))  # type: ignore[arg-type]
     ex.method = b"GET"
     ex.headers = Headers([(b"authorization", b"Authorization", b"Bearer " + token.encode())])
     return ex

@@ -62,7 +62,7 @@ def token(key: Any = RSA, alg: str = "RS256", kid: str | None = "rsa1", **claims
 def exchange(
     headers: list[tuple[bytes, bytes]] | None = None, method: bytes = b"GET", query: bytes = b""
 ) -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1"))  # type: ignore[arg-type]
+    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1", tls_client=None))  # type: ignore[arg-type]
     ex.method = method
     ex.query = query
     ex.route = SimpleNamespace(name="orders")  # type: ignore[assignment]
