@@ -194,8 +194,9 @@ class Registry:
 def default_registry() -> Registry:
     from plugins.cors import CorsPlugin
     from plugins.headers import HeadersPlugin
+    from plugins.rate_limit import RateLimitPlugin
 
-    registry = Registry([HeadersPlugin, CorsPlugin])
+    registry = Registry([HeadersPlugin, CorsPlugin, RateLimitPlugin])
     registry.load_entry_points()
     return registry
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from gateway import state
 from gateway.config.load import ConfigIssue, PluginSpec, Source, format_loc
 from gateway.config.model import GatewayConfig, LimitsConfig
 from gateway.http.headers import is_token
@@ -296,6 +297,8 @@ class _Compiler:
 def compile_config(config: GatewayConfig, source: Source) -> Runtime:
     """Build a ``Runtime``; raises ``CompileError`` listing every problem found."""
     c = _Compiler(config, source)
+    # Plugins built next (rate_limit, ...) read the state backend's config from here.
+    state.use_config(config.state)
     listeners = c.listeners()
     upstreams = c.upstreams()
     forwarding = c.forwarding()
