@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class Settings:
     loadgen: str  # "wrk" or "locust"
     wrk: str | None
     py_spy: str | None  # --profile: py-spy's path
+    listener_sharing: str = "reuseport"  # the gateway's listener_sharing (--listener-sharing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +137,8 @@ class ProxyUnderTest:
         return [pid for proc in self.procs for pid in proc.pids()]
 
     def worker_pids(self) -> list[int]:
-        """Processes that serve connections: each gateway process; nginx's workers."""
-        if self.name == "nginx":
-            return [pid for proc in self.procs for pid in descendants(proc.pid)]
-        return [proc.pid for proc in self.procs]
+        """Processes that serve connections: the gateway's and nginx's workers."""
+        return [pid for proc in self.procs for pid in descendants(proc.pid)]
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -153,10 +153,21 @@ class ProxyUnderTest:
 
 
 def gateway_config(
-    port: int, upstreams: dict[str, Upstream], scenarios: list[Scenario]
+    port: int,
+    upstreams: dict[str, Upstream],
+    scenarios: list[Scenario],
+    workers: int = 1,
+    access_log: str = "-",
+    listener_sharing: str = "reuseport",
+    admin_port: int | None = None,
 ) -> dict[str, Any]:
     return {
+        "workers": workers,
+        "admin": {"bind": f"127.0.0.1:{admin_port or free_port()}"},
+        "listener_sharing": listener_sharing,
         "listeners": [{"name": "public", "bind": f"127.0.0.1:{port}"}],
+        # Scenarios log only where their route says so (``observed_get``).
+        "access_log": {"path": access_log},
         "upstreams": {
             name: {
                 "targets": [{"url": up.url}],
@@ -173,32 +184,53 @@ def gateway_config(
 def start_gateway(
     bench: Bench, directory: Path, workers: int, scenarios: list[Scenario]
 ) -> ProxyUnderTest:
-    """``workers`` gateway processes sharing one port through SO_REUSEPORT (the gateway binds
-    with it). This becomes ``workers: N`` in the config once the gateway has a supervisor."""
+    """One gateway (supervisor + ``workers`` worker processes, ``workers: N`` in its config),
+    pinned with its children to the proxy CPUs."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    admin_port = free_port()
     conf = directory / "gateway.yaml"
-    config = gateway_config(port, bench.upstreams, scenarios)
+    config = gateway_config(
+        port,
+        bench.upstreams,
+        scenarios,
+        workers,
+        str(directory / "access.log"),
+        bench.settings.listener_sharing,
+        admin_port,
+    )
     conf.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = [
         bench.procs.start(
-            f"gateway[{i}]",
+            "gateway",
             [sys.executable, "-m", "gateway", "run", "-c", str(conf), "--log-format", "text"],
-            directory / f"gateway-{i}.log",
+            directory / "gateway.log",
             cpus=bench.split.proxy,
             env=env,
             cwd=ROOT,
         )
-        for i in range(workers)
     ]
     try:
         wait_listening(started, port)
+        _wait_ready(started[0], admin_port)
     except Exception:
         for proc in started:
             bench.procs.stop(proc)
         raise
     return ProxyUnderTest("gateway", port, started)
+
+
+def _wait_ready(proc: Proc, admin_port: int, timeout: float = 30.0) -> None:
+    """Until the admin /readyz says every worker is ready (the socket listens earlier)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.alive():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the gateway did not become ready; its log:\n{proc.log_tail()}")
 
 
 def start_nginx_proxy(
@@ -594,8 +626,8 @@ def run_scaling(bench: Bench, max_workers: int, cpus: list[int]) -> dict[str, An
     return {
         "scenario": scenario.name,
         "method": (
-            "N gateway processes on one port (SO_REUSEPORT); this becomes `workers: N` once "
-            "the gateway has a supervisor. nginx: worker_processes N."
+            f"one gateway with `workers: N` (listener_sharing: {bench.settings.listener_sharing})"
+            "; nginx: worker_processes N."
         ),
         "points": points,
     }
@@ -651,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after each load scenario, one more gateway run under py-spy (not measured)",
     )
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
+    parser.add_argument(
+        "--listener-sharing",
+        choices=["reuseport", "inherit"],
+        default="reuseport",
+        help="how the gateway's workers share the listener (its listener_sharing setting)",
+    )
     return parser
 
 
@@ -702,6 +740,7 @@ def run(args: argparse.Namespace, procs: Processes, work: Path, argv: list[str])
         loadgen=loadgen_name,
         wrk=wrk_binary,
         py_spy=_find_py_spy() if args.profile else None,
+        listener_sharing=args.listener_sharing,
     )
     nginx_binary = None if args.no_nginx else nginx.find_nginx()
     if args.no_nginx:

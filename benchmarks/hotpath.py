@@ -10,6 +10,11 @@ compare before and after a hot-path change:
     python -m benchmarks.hotpath                 # µs per request (min of several runs)
     python -m benchmarks.hotpath --profile       # cProfile, sorted by own time
     python -m benchmarks.hotpath --callgrind     # instructions per request (needs valgrind)
+
+``--observe`` picks what the log phase does: ``metrics`` (the default, as in a worker),
+``access-log`` (metrics and an access-log line per request, written to /dev/null by the
+writer thread, whose instructions callgrind counts too) or ``off`` (no log phase at all).
+``--no-tracing`` turns the W3C traceparent off (on by default, as in the gateway).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import uvloop
 
 from gateway.config.compile import compile_config
 from gateway.config.load import load_text
+from gateway.observe import AccessLog, Observer
 from gateway.plugin import default_registry
 from gateway.proxy.protocol import ClientConnection
 from gateway.server import ServerState
@@ -89,11 +95,13 @@ class FakeTransport:
         pass
 
 
-async def drive(requests: int) -> float:
+async def drive(requests: int, observe: str = "metrics", tracing: bool = True) -> float:
     """Proxy ``requests`` GETs; return the seconds spent."""
-    config, source = load_text(CONFIG, default_registry())
+    text = CONFIG if tracing else CONFIG + "tracing: {enabled: false}\n"
+    config, source = load_text(text, default_registry())
     runtime = compile_config(config, source)
-    state = ServerState(runtime)
+    access = AccessLog(os.devnull) if observe == "access-log" else None
+    state = ServerState(runtime, None if observe == "off" else Observer(access))
     target = runtime.targets()[0]
     upstream = UpstreamConnection(target)
     upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
@@ -109,13 +117,15 @@ async def drive(requests: int) -> float:
     for _ in range(requests):
         client.data_received(REQUEST)
         upstream.data_received(RESPONSE)
+    if access is not None:
+        access.close()
     elapsed = time.perf_counter() - start
     if client_transport.writes != requests:
         raise RuntimeError(f"{client_transport.writes} responses for {requests} requests")
     return elapsed
 
 
-def _instructions(requests: int) -> int:
+def _instructions(requests: int, flags: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         subprocess.run(
@@ -130,6 +140,7 @@ def _instructions(requests: int) -> int:
                 str(requests),
                 "--runs",
                 "1",
+                *flags,
             ],
             check=True,
             capture_output=True,
@@ -157,26 +168,33 @@ def main() -> int:
         action="store_true",
         help="instructions per request under valgrind (deterministic)",
     )
+    parser.add_argument("--observe", choices=["metrics", "access-log", "off"], default="metrics")
+    parser.add_argument("--no-tracing", action="store_true")
     args = parser.parse_args()
+    flags = ["--observe", args.observe] + (["--no-tracing"] if args.no_tracing else [])
+    tracing = not args.no_tracing
     if args.callgrind:
         if shutil.which("valgrind") is None:
             print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
             return 1
         n = 3000
-        base, loaded = _instructions(0), _instructions(n)
-        print(f"{(loaded - base) / n:,.0f} instructions per proxied request (python side)")
+        base, loaded = _instructions(0, flags), _instructions(n, flags)
+        print(
+            f"{(loaded - base) / n:,.0f} instructions per proxied request (python side, "
+            f"{' '.join(flags)})"
+        )
         return 0
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        uvloop.run(drive(args.requests))
+        uvloop.run(drive(args.requests, args.observe, tracing))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0))
+        uvloop.run(drive(0, args.observe, tracing))
         return 0
-    best = min(uvloop.run(drive(args.requests)) for _ in range(args.runs))
+    best = min(uvloop.run(drive(args.requests, args.observe, tracing)) for _ in range(args.runs))
     print(
         f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
         f"{args.runs})"

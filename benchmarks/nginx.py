@@ -59,6 +59,10 @@ events {{
 http {{
     access_log off;
     server_tokens off;
+    log_format json escape=json '{{"ts":$msec,"request_id":"$request_id","client":"$remote_addr",'
+        '"method":"$request_method","path":"$uri","status":$status,"bytes_in":$request_length,'
+        '"bytes_out":$bytes_sent,"duration":$request_time,"upstream":"$upstream_addr",'
+        '"upstream_duration":"$upstream_response_time"}}';
 {temps}
 """
 
@@ -128,6 +132,7 @@ def write_proxy_config(
     directory: Path, port: int, workers: int, upstreams: dict[str, int], scenarios: list[Scenario]
 ) -> Path:
     """The reference reverse proxy: one location per scenario path to its upstream."""
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
     blocks = "".join(
         f"""
     upstream {name} {{

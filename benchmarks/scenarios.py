@@ -58,6 +58,7 @@ class Scenario:
             "name": self.name,
             "match": {"path_prefix": self.path},
             "upstream": self.upstream,
+            "access_log": False,  # nginx's reference config logs nothing either
         }
         route.update(self.route)
         return route
@@ -79,6 +80,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "post_4k", "POST 4 KB JSON, 4 KB echoed", path="/post", method="POST",
         body=json_body(POST_BYTES),
+    ),
+    Scenario(
+        "observed_get", "plain GET with the access log on (metrics are always on)",
+        path="/observed", route={"access_log": True},
+        nginx_location="\n            access_log logs/observed.log json buffer=64k;",
     ),
     Scenario("download_1m", "GET 1 MB download", path="/download", connections=16),
     Scenario(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -39,6 +40,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     name = args.config or "<bundled example>"
     try:
         runtime = _load(args.config, _registry())
+        from gateway.supervisor import check_runtime
+
+        check_runtime(runtime)
     except (ConfigError, CompileError) as exc:
         for issue in exc.issues:
             print(f"{name}: {issue}", file=sys.stderr)
@@ -53,38 +57,83 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """The supervisor: validates the config, binds the listeners, runs the workers."""
     from gateway import log as gateway_log
 
     gateway_log.setup(args.log_level or "info", args.log_format or "json")
     logger = logging.getLogger("gateway")
+    from gateway.supervisor import prepare_run_dir
+
+    run_dir = prepare_run_dir()
     try:
-        runtime = _load(args.config, _registry())
+        return _supervise(args, logger, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _supervise(args: argparse.Namespace, logger: logging.Logger, run_dir: str) -> int:
+    from gateway import log as gateway_log
+    from gateway.supervisor import Supervisor, check_runtime
+
+    registry = _registry()
+    try:
+        if args.config is None:
+            text = example_config_text()
+        else:
+            text = Path(args.config).read_text(encoding="utf-8")
+        config, source = load_text(text, registry, args.config or "<bundled example>")
+        runtime = compile_config(config, source)
+        check_runtime(runtime)
+    except OSError as exc:
+        logger.error("cannot read the config: %s", exc, extra={"config": args.config})
+        return EXIT_CONFIG
     except (ConfigError, CompileError) as exc:
         for issue in exc.issues:
             logger.error("config error: %s", issue, extra={"config": args.config})
         return EXIT_CONFIG
     cfg = runtime.config
-    gateway_log.setup(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
-    if cfg.workers > 1:
-        logger.warning(
-            "workers: %d requested; this version runs a single worker process", cfg.workers
-        )
+    level = args.log_level or cfg.log.level
+    fmt = args.log_format or cfg.log.format
+    gateway_log.setup(level, fmt)
+    import uvloop
+
+    config_path = str(Path(args.config).resolve()) if args.config else None
+    supervisor = Supervisor(
+        config_path, text, runtime, registry, ["--log-level", level, "--log-format", fmt], run_dir
+    )
+    try:
+        return int(uvloop.run(supervisor.run()))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker process, started by the supervisor (not meant to be run by hand)."""
+    import socket
+
+    from gateway import log as gateway_log
+
+    gateway_log.setup(args.log_level, args.log_format)
+    logger = logging.getLogger("gateway.worker")
+    try:
+        text = Path(args.snapshot).read_text(encoding="utf-8")
+        config, source = load_text(text, _registry(), args.config_name)
+        runtime = compile_config(config, source)
+    except (OSError, ConfigError, CompileError) as exc:
+        logger.error("worker cannot load the config: %s", exc)
+        return EXIT_CONFIG
+    sockets = {}
+    for item in args.listen_fds.split(","):
+        if item:
+            name, _, fd = item.partition("=")
+            sockets[name] = socket.socket(fileno=int(fd))
+    control = socket.socket(fileno=args.control_fd)
     import uvloop
 
     from gateway.server import run_worker
 
-    logger.info(
-        "starting",
-        extra={
-            "version": __version__,
-            "config": str(Path(args.config)) if args.config else "example",
-        },
-    )
-    try:
-        uvloop.run(run_worker(runtime))
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
+    uvloop.run(run_worker(runtime, sockets, control, args.generation))
     return 0
 
 
@@ -104,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", help="config file (default: the bundled example)")
     check.set_defaults(func=cmd_check)
+    worker = sub.add_parser("worker")  # started by `run`; not listed in the help
+    worker.add_argument("--snapshot", required=True)
+    worker.add_argument("--config-name", required=True)
+    worker.add_argument("--generation", type=int, default=0)
+    worker.add_argument("--listen-fds", default="")
+    worker.add_argument("--control-fd", type=int, required=True)
+    worker.add_argument("--log-format", choices=["json", "text"], default="json")
+    worker.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info"
+    )
+    worker.set_defaults(func=cmd_worker)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return parser

@@ -1,8 +1,13 @@
-"""A worker: binds the listeners, serves connections, sweeps timeouts, drains on stop.
+"""A worker: serves connections on the listeners, sweeps timeouts, drains on stop.
+
+Under the supervisor (``gateway.supervisor``) a worker gets its listening sockets, config
+snapshot and control socket from its parent; started alone (``Worker`` in a test) it binds
+the listeners itself.
 
 One ``ServerState`` per worker process holds what connections share: the current runtime,
 the coarse clock and cached ``Date`` header (refreshed by the sweep, twice a second, not per
-request), the open connections, and the request-id generator.
+request), the open connections, the request-id generator and the observer (metrics and
+access log).
 """
 
 from __future__ import annotations
@@ -13,11 +18,17 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import time
 from email.utils import formatdate
+from typing import Any
 
+import orjson
+
+from gateway import __version__, metrics, runinfo
 from gateway.config.compile import Runtime
 from gateway.echo import start_echo
+from gateway.observe import AccessLog, Observer
 from gateway.proxy.protocol import ClientConnection
 
 log = logging.getLogger("gateway.server")
@@ -25,13 +36,33 @@ log = logging.getLogger("gateway.server")
 SWEEP_INTERVAL = 0.5
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_THRESHOLD_GEN0 = 20_000
+#: While draining, a keep-alive connection idle this long is closed. One that goes idle
+#: later was told ``Connection: close`` on its last response. Closing a connection the very
+#: moment its client reuses it would fail that request: a client idle this long is unlikely
+#: to be sending at that instant.
+DRAIN_IDLE_GRACE = 1.0
+#: Seconds between the worker's status-file writes (read by the admin ``/status``).
+STATUS_INTERVAL = 1.0
+
+CONNECTIONS_OPEN = metrics.gauge("connections_open", "Client connections open.", mode="sum")
+CONNECTIONS_OPEN_CHILD = CONNECTIONS_OPEN.labels()
 
 
 class ServerState:
-    __slots__ = ("_ids", "_rid_prefix", "connections", "date_header", "draining", "now", "runtime")
+    __slots__ = (
+        "_ids",
+        "_rid_prefix",
+        "connections",
+        "date_header",
+        "draining",
+        "now",
+        "observer",
+        "runtime",
+    )
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, observer: Observer | None = None) -> None:
         self.runtime = runtime
+        self.observer = observer
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.now = time.monotonic()
@@ -57,14 +88,39 @@ class ServerState:
 
 
 class Worker:
-    """Runs one gateway worker on the current event loop until ``stop()``."""
+    """Runs one gateway worker on the current event loop until ``stop()``.
 
-    def __init__(self, runtime: Runtime, drain_timeout: float = 30.0) -> None:
-        self.state = ServerState(runtime)
+    ``sockets`` maps listener names to listening sockets made by the supervisor; without it
+    the worker binds the listeners itself. ``control`` is the supervisor's end of a socket
+    pair: the worker says ``ready`` on it, and stops when it reads end-of-file (the
+    supervisor is gone).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        drain_timeout: float = 30.0,
+        sockets: dict[str, socket.socket] | None = None,
+        control: socket.socket | None = None,
+        generation: int = 0,
+    ) -> None:
+        cfg = runtime.config
+        access = None
+        if cfg.access_log.enabled:
+            access = AccessLog(cfg.access_log.path, cfg.access_log.max_pending)
+        self.access = access
+        self.state = ServerState(runtime, Observer(access, runinfo.worker_id()))
         self.drain_timeout = drain_timeout
+        self.generation = generation
+        self._sockets = sockets
+        self._control = control
+        self._control_writer: asyncio.StreamWriter | None = None
         self._servers: list[asyncio.Server] = []
         self._echo: asyncio.Server | None = None
         self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._status_path = os.path.join(runinfo.run_dir(), f"worker-{os.getpid()}.json")
+        self._started = time.time()
 
     async def start(self) -> None:
         runtime = self.state.runtime
@@ -81,48 +137,134 @@ class Worker:
         loop = asyncio.get_running_loop()
         state = self.state
         for lst in runtime.listeners:
-            server = await loop.create_server(
-                lambda: ClientConnection(state),
-                lst.host,
-                lst.port,
-                backlog=lst.backlog,
-                reuse_address=True,
-                reuse_port=True,
-            )
+            ssl_context = getattr(lst, "ssl", None)
+            if self._sockets is not None:
+                server = await loop.create_server(
+                    lambda: ClientConnection(state),
+                    sock=self._sockets[lst.name],
+                    backlog=lst.backlog,
+                    ssl=ssl_context,
+                )
+            else:
+                server = await loop.create_server(
+                    lambda: ClientConnection(state),
+                    lst.host,
+                    lst.port,
+                    backlog=lst.backlog,
+                    reuse_address=True,
+                    reuse_port=True,
+                    ssl=ssl_context,
+                )
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
-            log.info("listening", extra={"listener": lst.name, "host": bound[0], "port": bound[1]})
+            log.debug("listening", extra={"listener": lst.name, "host": bound[0], "port": bound[1]})
+        self.write_status()
+        if self._control is not None:
+            reader, writer = await asyncio.open_connection(sock=self._control)
+            self._control_writer = writer
+            writer.write(b"ready\n")
+            self._tasks.append(loop.create_task(self._watch_supervisor(reader)))
+
+    async def _watch_supervisor(self, reader: asyncio.StreamReader) -> None:
+        while await reader.read(4096):
+            pass
+        if not self._stopping.is_set():
+            log.warning("the supervisor is gone; draining")
+            self.stop()
 
     def stop(self) -> None:
         self._stopping.set()
 
+    def reopen_logs(self) -> None:
+        if self.access is not None:
+            self.access.reopen()
+
     async def serve_until_stopped(self) -> None:
-        sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
         try:
             await self._stopping.wait()
         finally:
             await self._drain()
-            sweeper.cancel()
+            for task in self._tasks:
+                task.cancel()
+            if self._control_writer is not None:
+                self._control_writer.close()
 
     async def _sweep(self) -> None:
+        ticks = 0
+        every = max(1, round(STATUS_INTERVAL / SWEEP_INTERVAL))
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.state.sweep()
+            state = self.state
+            state.sweep()
+            CONNECTIONS_OPEN_CHILD.set(len(state.connections))
+            metrics.flush()
+            ticks += 1
+            if ticks % every == 0:
+                self.write_status()
+
+    def status(self) -> dict[str, Any]:
+        """What the admin ``/status`` shows for this worker."""
+        runtime = self.state.runtime
+        plugins = []
+        for plugin in runtime.plugins:
+            try:
+                st = plugin.status()
+            except Exception as exc:  # a plugin bug must not take /status down
+                st = {"error": repr(exc)}
+            if st:
+                plugins.append({"plugin": plugin.name, "route": plugin.route_name, **st})
+        upstreams = {}
+        for name, upstream in runtime.upstreams.items():
+            describe = getattr(upstream, "status", None)
+            upstreams[name] = (
+                describe()
+                if describe is not None
+                else {"targets": [t.label for t in upstream.targets]}
+            )
+        return {
+            "pid": os.getpid(),
+            "worker": runinfo.worker_id(),
+            "generation": self.generation,
+            "version": __version__,
+            "started": self._started,
+            "connections": len(self.state.connections),
+            "draining": self.state.draining,
+            "ready": not any(p.get("ready") is False for p in plugins),
+            "plugins": plugins,
+            "upstreams": upstreams,
+        }
+
+    def write_status(self) -> None:
+        tmp = self._status_path + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(orjson.dumps(self.status(), default=str))
+            os.replace(tmp, self._status_path)
+        except OSError as exc:
+            log.warning("cannot write worker status: %s", exc)
 
     async def _drain(self) -> None:
-        """Stop accepting, close idle connections, let in-flight exchanges finish (their
-        keep-alive turned off), then close what is left after the bounded wait."""
+        """Stop accepting; close keep-alive connections once idle for ``DRAIN_IDLE_GRACE``
+        (in-flight exchanges finish with keep-alive turned off); after ``drain_timeout``
+        close what is left."""
         state = self.state
         state.draining = True
         for server in self._servers:
             server.close()
-        for conn in list(state.connections):
-            if conn.active is None and conn.parsing is None and conn.transport is not None:
-                conn.transport.close()
         deadline = time.monotonic() + self.drain_timeout
         while state.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
             state.tick()
+            now = state.now
+            for conn in list(state.connections):
+                if (
+                    conn.active is None
+                    and conn.parsing is None
+                    and conn.transport is not None
+                    and now - conn.idle_since >= DRAIN_IDLE_GRACE
+                ):
+                    conn.transport.close()
+            await asyncio.sleep(0.05)
         for conn in list(state.connections):
             if conn.transport is not None:
                 conn.transport.abort()
@@ -135,14 +277,30 @@ class Worker:
                 log.exception("plugin %s failed to stop", plugin.name)
         if self._echo is not None:
             self._echo.close()
-        log.info("stopped", extra={"open_connections": len(state.connections)})
+        if self.access is not None:
+            self.access.close()
+        CONNECTIONS_OPEN_CHILD.set(0)
+        metrics.flush()
+        try:
+            os.unlink(self._status_path)
+        except OSError:
+            pass
+        log.info("worker stopped", extra={"open_connections": len(state.connections)})
 
 
-async def run_worker(runtime: Runtime) -> None:
-    worker = Worker(runtime)
+async def run_worker(
+    runtime: Runtime,
+    sockets: dict[str, socket.socket] | None = None,
+    control: socket.socket | None = None,
+    generation: int = 0,
+) -> None:
+    worker = Worker(runtime, runtime.config.drain_timeout, sockets, control, generation)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    loop.add_signal_handler(signal.SIGUSR1, worker.reopen_logs)
+    # A terminal hang-up reaches the whole process group; reloading is the supervisor's job.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     await worker.start()
     # Everything loaded so far (modules, config, compiled runtime) lives as long as the worker:
     # move it out of the collector's sight, so full collections stop rescanning it. Requests

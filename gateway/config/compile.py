@@ -134,6 +134,15 @@ class _Compiler:
                 self.error(("listeners", i, "bind"), str(exc))
                 continue
             out.append(Listener(lc.name, host, port, lc.backlog))
+        admin = self.config.admin
+        if admin is not None:
+            try:
+                host, port = parse_bind(admin.bind)
+            except ValueError as exc:
+                self.error(("admin", "bind"), str(exc))
+            else:
+                if any((lst.host, lst.port) == (host, port) for lst in out):
+                    self.error(("admin", "bind"), "the same address as a listener")
         return tuple(out)
 
     def upstreams(self) -> dict[str, Upstream]:
@@ -193,7 +202,8 @@ class _Compiler:
             self.error(("forwarding", "request_id_header"), "not a valid header name")
         if fc.via is not None and (not fc.via or any(c in fc.via for c in "\r\n,")):
             self.error(("forwarding", "via"), "must be a plain name, or null to send no Via")
-        return Forwarding(nets, fc.via, fc.request_id_header)
+        tc = self.config.tracing
+        return Forwarding(nets, fc.via, fc.request_id_header, tc.enabled, tc.sample_ratio)
 
     def plugins(self, specs: list[PluginSpec]) -> list[Plugin]:
         out = []
@@ -289,6 +299,7 @@ class _Compiler:
                     prefix_rewrite=rewrite,
                     preserve_host=rc.preserve_host,
                     max_body_size=rc.max_body_size or 0,
+                    access_log=rc.access_log,
                 )
             )
         return out

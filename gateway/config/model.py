@@ -82,6 +82,7 @@ class RouteConfig(Strict):
     prefix_rewrite: str | None = None
     preserve_host: bool = False
     max_body_size: Size | None = None
+    access_log: bool = True
     #: ``[{plugin_name: {config}}]``; validated against each plugin's Config by the loader.
     plugins: list[Any] = []
 
@@ -146,8 +147,29 @@ class StateConfig(Strict):
         return self
 
 
+class AdminConfig(Strict):
+    bind: str = Field(default="127.0.0.1:9901", min_length=1)
+    token: str | None = None
+
+
+class AccessLogConfig(Strict):
+    enabled: bool = True
+    path: str = Field(default="-", min_length=1, description="a file, or - for stdout")
+    max_pending: Size = 64 * 1024 * 1024
+
+
+class TracingConfig(Strict):
+    enabled: bool = True
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
 class GatewayConfig(Strict):
     workers: Workers = 1
+    listener_sharing: Literal["reuseport", "inherit"] = "reuseport"
+    drain_timeout: Duration = 30.0
+    admin: AdminConfig | None = None
+    access_log: AccessLogConfig = AccessLogConfig()
+    tracing: TracingConfig = TracingConfig()
     listeners: list[ListenerConfig] = Field(min_length=1)
     upstreams: dict[str, UpstreamConfig] = {}
     routes: list[RouteConfig] = []

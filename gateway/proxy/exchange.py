@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.http.headers import Headers
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from gateway.proxy.router import Route
     from gateway.upstream.connection import UpstreamConnection
     from gateway.upstream.target import Target
+
+_monotonic = time.monotonic
 
 # How the request body is framed.
 BODY_NONE = 0
@@ -120,7 +123,7 @@ class Exchange:
         self.user: str | None = None
         self.vars: dict[str, Any] | None = None
         self.notes: dict[str, Any] | None = None
-        self.t_start = 0.0  # monotonic: request head parsed
+        self.t_start = _monotonic()  # the request's first byte (or the error replacing it)
         self.t_upstream = 0.0  # upstream request started (0.0: never)
         self.t_upstream_head = 0.0  # upstream response head received
         self.trace_id = ""

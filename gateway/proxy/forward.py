@@ -14,6 +14,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from gateway.http import trace
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
 from gateway.proxy.exchange import BODY_CHUNKED
@@ -59,18 +60,29 @@ class Forwarding:
         "request_id_header",
         "request_id_raw",
         "request_own",
+        "sample_ratio",
+        "trace",
         "trusted",
         "via",
     )
 
     def __init__(
-        self, trusted: Sequence[IPNetwork], via: str | None, request_id_header: str
+        self,
+        trusted: Sequence[IPNetwork],
+        via: str | None,
+        request_id_header: str,
+        trace: bool = True,
+        sample_ratio: float = 1.0,
     ) -> None:
         self.trusted = tuple(trusted)
         self.via = f"1.1 {via}".encode("latin-1") if via else b""
         self.request_id_raw = request_id_header.encode("latin-1")
         self.request_id_header = self.request_id_raw.lower()
         self.request_own = _REQUEST_OWN | {self.request_id_header}
+        if trace:
+            self.request_own |= {b"traceparent"}
+        self.trace = trace
+        self.sample_ratio = sample_ratio
         self._trust_cache: dict[str, bool] = {}
 
     def is_trusted(self, ip: str) -> bool:
@@ -116,6 +128,7 @@ def request_head(
     parts.append(b" HTTP/1.1\r\n")
     xff: list[bytes] = []
     xfp = xfh = via = b""
+    traceparent: bytes | None = None
     own = fwd.request_own
     for lname, raw, value in ex.headers.items:
         if lname in HOP_BY_HOP or lname in own:
@@ -127,6 +140,8 @@ def request_head(
                 xfh = value
             elif lname == b"via":
                 via = value if not via else via + b", " + value
+            elif lname == b"traceparent":
+                traceparent = value
             continue
         parts += (raw, b": ", value, b"\r\n")
     route = ex.route
@@ -149,6 +164,13 @@ def request_head(
     elif ex.length_header is not None:
         parts += (b"content-length: ", ex.length_header, b"\r\n")
     parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
+    if fwd.trace:
+        ours = ex.traceparent
+        if ours is None:  # a retry keeps the first attempt's
+            trace_id, ours = trace.child(traceparent, fwd.sample_ratio)
+            ex.trace_id = trace_id.decode()
+            ex.traceparent = ours
+        parts += (b"traceparent: ", ours, b"\r\n")
     parts += (b"host: ", host, b"\r\n\r\n")
     return b"".join(parts)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -86,6 +87,7 @@ _SPECIAL = {
 }
 #: Connection options that name no header the forwarding does not drop anyway.
 _PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
+_monotonic = time.monotonic
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _RETRYABLE = frozenset({"upstream_reset"})
 
@@ -220,8 +222,7 @@ class ClientConnection(asyncio.Protocol):
                 task.cancel()
             if ex is active:
                 ex.reply_code = ex.reply_code or "client_closed"
-                if ex.route is not None and ex.route.chain.log_hooks:
-                    ex.route.chain.run_log(ex)
+                self._log(ex)
         self.pipeline.clear()
         self.active = self.parsing = None
 
@@ -545,6 +546,7 @@ class ClientConnection(asyncio.Protocol):
         assert ex.route is not None
         target = ex.route.upstream.pick()
         ex.upstream_target = target
+        ex.t_upstream = _monotonic()
         conn = target.pool.acquire()
         if conn is None:
             ex.task = asyncio.get_running_loop().create_task(self._connect(ex, target))
@@ -630,6 +632,7 @@ class ClientConnection(asyncio.Protocol):
             return
         conn = ex.upstream
         assert conn is not None and ex.route is not None
+        ex.t_upstream_head = _monotonic()
         ex.status = status
         ex.response_headers = Headers(headers)
         chain = ex.route.chain
@@ -821,9 +824,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _finished(self, ex: Exchange) -> None:
         ex.done = True
-        route = ex.route
-        if route is not None and route.chain.log_hooks:
-            route.chain.run_log(ex)
+        self._log(ex)
         if self.closed:
             return
         # The exchange's upstream is gone and can no longer resume reading for it.
@@ -847,6 +848,18 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._next()
 
+    def _log(self, ex: Exchange) -> None:
+        """The log phase: plugins' log hooks, then metrics and the access log."""
+        route = ex.route
+        if route is not None and route.chain.log_hooks:
+            route.chain.run_log(ex)
+        observer = self.server.observer
+        if observer is not None:
+            try:
+                observer.finish(ex)
+            except Exception:
+                log.exception("observer failed", extra={"request_id": ex.request_id})
+
     def _next(self) -> None:
         self.active = None
         if self.pipeline:
@@ -856,9 +869,11 @@ class ClientConnection(asyncio.Protocol):
             self.active = ex
             self._start(ex)
         else:
+            # While draining, the worker's drain loop closes this connection once it has been
+            # idle for DRAIN_IDLE_GRACE: closing it now would race a client that reuses it
+            # at once, having been told nothing (this response's head left before the
+            # drain began, so without "Connection: close").
             self.idle_since = self.server.now
-            if self.server.draining:
-                self._close(lingering=False)
 
     def _reject(self, code: str, message: str | None = None) -> None:
         """Parsing cannot go on: answer the request being parsed with ``code``, then close."""
@@ -904,8 +919,7 @@ class ClientConnection(asyncio.Protocol):
         if not ex.done:
             ex.done = True
             ex.reply_code = ex.reply_code or "aborted"
-            if ex.route is not None and ex.route.chain.log_hooks:
-                ex.route.chain.run_log(ex)
+            self._log(ex)
         if self.transport is not None:
             self.transport.abort()
 

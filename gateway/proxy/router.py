@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from gateway.observe import RouteObs
+
 if TYPE_CHECKING:
     from gateway.proxy.chain import Chain
     from gateway.upstream.target import Upstream
@@ -36,6 +38,7 @@ class Route:
         "max_body_size",
         "methods",
         "name",
+        "obs",
         "order",
         "path",
         "path_prefix",
@@ -63,8 +66,10 @@ class Route:
         prefix_rewrite: bytes | None = None,
         preserve_host: bool = False,
         max_body_size: int = 0,
+        access_log: bool = True,
     ) -> None:
         self.name = name
+        self.obs = RouteObs(name, upstream.name, access_log)
         self.order = order
         self.upstream = upstream
         self.chain = chain

@@ -198,6 +198,13 @@ def _serve(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _on_free_ports(text: str, port: int) -> str:
+    """The example config with its listener on ``port`` and its admin API on a free port."""
+    return text.replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace(
+        "127.0.0.1:9901", f"127.0.0.1:{free_port()}"
+    )
+
+
 def _check_demo(port: int) -> None:
     resp = request(port, "GET", "/demo/hello?x=1", headers=[("Origin", "https://site.test")])
     assert resp.status == 200, resp.body
@@ -226,7 +233,7 @@ def test_run_serves_the_bundled_example(tmp_path: Path) -> None:
     port is taken here, the same example runs from a copy on a free port instead."""
     text = example_config_text()
     assert 'bind: "127.0.0.1:8080"' in text
-    if _port_free(8080):
+    if _port_free(8080) and _port_free(9901):
         proc = _serve([], 8080, tmp_path / "bundled.log")
         try:
             _check_demo(8080)
@@ -235,7 +242,7 @@ def test_run_serves_the_bundled_example(tmp_path: Path) -> None:
         records = [json.loads(line) for line in (tmp_path / "bundled.log").read_text().splitlines()]
         assert any(r.get("config") == "example" and r["msg"] == "starting" for r in records)
     port = free_port()
-    copy = write(tmp_path, text.replace("127.0.0.1:8080", f"127.0.0.1:{port}"), "example.yaml")
+    copy = write(tmp_path, _on_free_ports(text, port), "example.yaml")
     proc = _serve(["-c", str(copy)], port, tmp_path / "copy.log")
     try:
         _check_demo(port)
@@ -247,7 +254,7 @@ def test_run_text_log_format(tmp_path: Path) -> None:
     port = free_port()
     copy = write(
         tmp_path,
-        example_config_text().replace("127.0.0.1:8080", f"127.0.0.1:{port}"),
+        _on_free_ports(example_config_text(), port),
         "example.yaml",
     )
     log = tmp_path / "text.log"
@@ -257,7 +264,7 @@ def test_run_text_log_format(tmp_path: Path) -> None:
     finally:
         assert _stop(proc) == 0
     text = log.read_text()
-    assert " INFO    gateway: starting" in text
+    assert " INFO    gateway.supervisor: starting" in text
     assert not text.lstrip().startswith("{")
 
 

@@ -88,7 +88,11 @@ class UpstreamProcess:
 
 
 class GatewayProcess:
-    """``python -m gateway run -c <config>`` with logs captured to a file."""
+    """``python -m gateway run -c <config>`` with logs captured to a file.
+
+    A dict config gets a listener on ``port`` and an admin listener on ``admin_port`` (free
+    ports) unless it names its own. Construction waits until the supervisor reports every
+    worker ready (``wait=False``: returns at once)."""
 
     def __init__(
         self,
@@ -99,14 +103,20 @@ class GatewayProcess:
         wait: bool = True,
     ) -> None:
         self.port = port or free_port()
+        self.admin_port = free_port()
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         if isinstance(config, dict):
             config = dict(config)
             config.setdefault("listeners", [{"name": "public", "bind": f"127.0.0.1:{self.port}"}])
+            config.setdefault("admin", {"bind": f"127.0.0.1:{self.admin_port}"})
+            if config["admin"]:
+                self.admin_port = int(str(config["admin"]["bind"]).rsplit(":", 1)[1])
             text = yaml.safe_dump(config, sort_keys=False)
         else:
-            text = config.replace("{PORT}", str(self.port))
+            text = config.replace("{PORT}", str(self.port)).replace(
+                "{ADMIN_PORT}", str(self.admin_port)
+            )
         self.config_path = tmp / f"gateway-{self.port}.yaml"
         self.config_path.write_text(text)
         self.log_path = tmp / f"gateway-{self.port}.log"
@@ -123,23 +133,51 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         if wait:
             try:
-                wait_for_port(self.port, self.proc)
+                self.wait_started()
             except Exception:
                 self.stop()
                 raise RuntimeError(f"gateway did not start:\n{self.logs()}") from None
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Until the supervisor logs ``started`` (every worker ready)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}")
+            text = self.logs()
+            if '"msg":"started"' in text or "gateway.supervisor: started " in text:
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the gateway did not report started")
 
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def log_records(self) -> list[dict[str, Any]]:
+    def _json_lines(self) -> list[dict[str, Any]]:
         out = []
         for line in self.logs().splitlines():
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(record, dict):
+                out.append(record)
         return out
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The gateway's own log records (stderr), without the access log."""
+        return [r for r in self._json_lines() if "level" in r]
+
+    def access_records(self) -> list[dict[str, Any]]:
+        """The access log lines (stdout by default)."""
+        return [r for r in self._json_lines() if "level" not in r and "request_id" in r]
+
+    def admin(self, method: str, path: str, **kw: Any) -> Any:
+        """A request to the admin API (``tests.support.client.request``)."""
+        from tests.support.client import request
+
+        return request(self.admin_port, method, path, **kw)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

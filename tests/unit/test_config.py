@@ -773,3 +773,25 @@ def test_bundled_example_is_valid() -> None:
     (route,) = rt.router.routes
     assert route.name == "demo" and route.prefix_rewrite == b"/"
     assert rt.upstreams["echo"].targets[0].builtin == "echo"
+
+
+def test_operations_keys_are_validated() -> None:
+    base = 'listeners: [{name: a, bind: "127.0.0.1:8080"}]\n'
+    rt = load(base + 'admin: {bind: "127.0.0.1:9901", token: t}\nworkers: 3\n')
+    assert rt.config.admin is not None and rt.config.admin.token == "t"
+    assert rt.config.workers == 3
+    assert rt.config.listener_sharing == "reuseport"
+    assert rt.config.drain_timeout == 30.0
+    assert rt.config.access_log.enabled and rt.config.access_log.path == "-"
+    assert rt.config.tracing.sample_ratio == 1.0
+    for text, where in [
+        ('admin: {bind: "nowhere"}\n', "admin.bind"),
+        ('admin: {bind: "127.0.0.1:8080"}\n', "admin.bind"),
+        ("listener_sharing: fork\n", "listener_sharing"),
+        ("tracing: {sample_ratio: 2}\n", "tracing.sample_ratio"),
+        ("access_log: {path: x, rotate: daily}\n", "access_log.rotate"),
+        ("drain_timeout: soon\n", "drain_timeout"),
+    ]:
+        with pytest.raises((ConfigError, CompileError)) as info:
+            load(base + text)
+        assert any(str(i).startswith(where) for i in info.value.issues), info.value.issues
