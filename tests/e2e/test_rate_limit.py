@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import proxy_config
 from tests.support.client import Response, request
-from tests.support.procs import GatewayProcess, UpstreamProcess, free_port
+from tests.support.procs import GatewayProcess, UpstreamProcess
 
 
 def limited(upstream: UpstreamProcess, plugin: dict[str, Any], **top: Any) -> dict[str, Any]:
@@ -25,26 +26,23 @@ def burst_of(port: int, n: int, headers: Sequence[tuple[str, str]] = ()) -> list
         return [f.result() for f in futures]
 
 
-def wait_listening(gw: GatewayProcess) -> None:
-    deadline = time.monotonic() + 15
-    while '"listening"' not in gw.logs() and "listening" not in gw.logs():
-        assert gw.alive() and time.monotonic() < deadline, gw.logs()
-        time.sleep(0.05)
+def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
+    """One sample's value from the admin /metrics (0 when absent)."""
+    body = gw.admin("GET", "/metrics").body.decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
 
 
 def test_two_workers_of_one_node_admit_exactly_the_limit(
-    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess], tmp_path: Path
+    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
-    # Two gateway processes on one port (SO_REUSEPORT) sharing a run directory are two workers
-    # of one node, as the supervisor starts them.
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    env = {"GATEWAY_RUN_DIR": str(run_dir)}
     config = limited(upstream, {"key": "route", "rate": "25/h"})
-    port = free_port()
-    workers = [start_gateway(config, port=port, extra_env=env, wait=(i == 0)) for i in range(2)]
-    wait_listening(workers[1])
-    responses = burst_of(port, 120)
+    config["workers"] = 2
+    gw = start_gateway(config)
+    responses = burst_of(gw.port, 120)
     codes = [r.status for r in responses]
     assert codes.count(200) == 25, codes
     assert codes.count(429) == 95
@@ -52,7 +50,22 @@ def test_two_workers_of_one_node_admit_exactly_the_limit(
         if r.status == 429:
             assert r.json()["error"]["code"] == "rate_limited"
             assert int(r.header("retry-after") or 0) >= 1
-    assert all(w.alive() for w in workers)
+    status = gw.admin("GET", "/status").json()
+    assert len(status["workers"]) == 2
+    plugin = next(p for p in status["plugins"] if p["plugin"] == "rate_limit")
+    assert plugin["backend"] == "memory" and plugin["mode"] == "ok" and plugin["route"] == "all"
+    paths = {
+        p["table"]["path"]
+        for w in status["workers"]
+        for p in w["plugins"]
+        if p["plugin"] == "rate_limit"
+    }
+    assert len(paths) == 1  # both workers use the node's one table
+    deadline = time.monotonic() + 10  # metrics are flushed every 0.5 s
+    while metric(gw, "gateway_ratelimit_decisions_total", decision="limited") < 95:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert metric(gw, "gateway_ratelimit_decisions_total", route="all", decision="allowed") == 25
 
 
 def test_headers_follow_the_remaining_budget_request_by_request(

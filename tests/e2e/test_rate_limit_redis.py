@@ -43,6 +43,7 @@ def test_two_gateways_sharing_redis_admit_exactly_the_limit(
     config = redis_config(
         upstream, redis, {"key": "route", "rate": "25/h"}, timeout="2s", on_error="closed"
     )
+    config["workers"] = 2  # 2 gateway processes x 2 workers
     gateways = [start_gateway(config) for _ in range(2)]
     with ThreadPoolExecutor(max_workers=32) as pool:
         futures = [pool.submit(request, gateways[i % 2].port, "GET", f"/r{i}") for i in range(120)]
@@ -56,6 +57,21 @@ def test_two_gateways_sharing_redis_admit_exactly_the_limit(
         if r.status == 200
     )
     assert remaining == list(range(25))  # each admitted request saw its own place in line
+    # Each node counts the live nodes through Redis (for on_error: local), refreshed every 5 s.
+    deadline = time.monotonic() + 20
+    for gw in gateways:
+        while True:
+            status = gw.admin("GET", "/status").json()
+            assert len(status["workers"]) == 2
+            plugins = [
+                next(p for p in w["plugins"] if p["plugin"] == "rate_limit")
+                for w in status["workers"]
+            ]
+            assert all(p["backend"] == "redis" and p["mode"] == "ok" for p in plugins)
+            if all(p["nodes"] == 2 for p in plugins):
+                break
+            assert time.monotonic() < deadline, plugins
+            time.sleep(0.5)
 
 
 def status_of(r: Response) -> str:
