@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import proxy_config
+from tests.e2e.test_rate_limit import metric
 from tests.support.client import Response, request
 from tests.support.procs import GatewayProcess, UpstreamProcess
 from tests.support.redis import RedisServer
@@ -121,6 +122,23 @@ def test_stalled_redis_each_mode_bounded_then_recovers(
         assert time.monotonic() < deadline, (r.status, header)
         time.sleep(0.1)
     assert gw.alive()
+    # The degraded decisions are in the access log, the metrics and the decision counters.
+    note = {"local": "allowed_local", "open": "open", "closed": "unavailable"}[on_error]
+    decision = {"local": "allowed_local", "open": "open", "closed": "unavailable"}[on_error]
+    deadline = time.monotonic() + 10
+    while True:
+        notes = [
+            rec["plugins"]["ratelimit"]
+            for rec in gw.access_records()
+            if isinstance(rec.get("plugins"), dict) and "ratelimit" in rec["plugins"]
+        ]
+        errors = metric(gw, "gateway_state_backend_errors_total", backend="redis")
+        decided = metric(gw, "gateway_ratelimit_decisions_total", route="all", decision=decision)
+        ok = metric(gw, "gateway_state_backend_mode", backend="redis", mode="ok")
+        if note in notes and errors >= 1 and decided >= 1 and ok == 1:
+            break
+        assert time.monotonic() < deadline, (notes, errors, decided, ok)
+        time.sleep(0.2)
 
 
 def test_killed_and_restarted_redis_under_load(
