@@ -160,8 +160,9 @@ def gateway_config(
     access_log: str = "-",
     listener_sharing: str = "reuseport",
     admin_port: int | None = None,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    config: dict[str, Any] = {
         "workers": workers,
         "admin": {"bind": f"127.0.0.1:{admin_port or free_port()}"},
         "listener_sharing": listener_sharing,
@@ -179,6 +180,24 @@ def gateway_config(
         "limits": {"max_connections": nginx.PROXY_WORKER_CONNECTIONS},
         "log": {"level": "warning"},
     }
+    if redis_url is not None:  # scenarios with ``redis=True`` (rate_limit_redis)
+        config["state"] = {"backend": "redis", "url": redis_url}
+    return config
+
+
+def start_redis(bench: Bench, directory: Path) -> str:
+    """A redis-server for the scenarios that need one, on the load CPUs; returns its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the Redis scenarios need redis-server (apt-get install redis-server)")
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir"]
+    proc = bench.procs.start(
+        "redis", [*argv, str(directory)], directory / "redis.log", cpus=bench.split.load
+    )
+    wait_listening([proc], port)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def start_gateway(
@@ -190,6 +209,7 @@ def start_gateway(
     port = free_port()
     admin_port = free_port()
     conf = directory / "gateway.yaml"
+    redis_url = start_redis(bench, directory / "redis") if any(s.redis for s in scenarios) else None
     config = gateway_config(
         port,
         bench.upstreams,
@@ -198,6 +218,7 @@ def start_gateway(
         str(directory / "access.log"),
         bench.settings.listener_sharing,
         admin_port,
+        redis_url,
     )
     conf.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

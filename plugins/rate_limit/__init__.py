@@ -75,6 +75,9 @@ class RateLimitConfig(PluginConfig):
     scope: Literal["route", "global"] = "route"
     missing_key: Literal["shared", "reject"] = "shared"
     headers: Literal["draft", "legacy", "both", "none"] = "draft"
+    #: ``state``: the top-level ``state:`` backend; ``memory``: this node's shared-memory table
+    #: even when the state backend is Redis (a per-node limit, no network round trip)
+    backend: Literal["state", "memory"] = "state"
 
     @model_validator(mode="after")
     def _check(self) -> RateLimitConfig:
@@ -114,6 +117,13 @@ def build_limits(config: RateLimitConfig) -> tuple[Limit, ...]:
     return tuple(out)
 
 
+def _state_config(config: PluginConfig) -> StateConfig:
+    current = state_mod.current_config()
+    if getattr(config, "backend", "state") == "memory" and current.backend != "memory":
+        return StateConfig(max_keys=current.max_keys)
+    return current
+
+
 def _ceil_seconds(ticks: int) -> int:
     return -(-ticks // TICKS_PER_SECOND)
 
@@ -127,14 +137,14 @@ class RateLimitPlugin(Plugin):
 
     def __new__(cls, config: PluginConfig) -> RateLimitPlugin:
         if cls is RateLimitPlugin:
-            backend = state_mod.current_config().backend
+            backend = _state_config(config).backend
             cls = MemoryRateLimitPlugin if backend == "memory" else RedisRateLimitPlugin
         return super().__new__(cls)
 
     def __init__(self, config: PluginConfig) -> None:
         assert isinstance(config, RateLimitConfig)
         super().__init__(config)
-        self.state_config: StateConfig = state_mod.current_config()
+        self.state_config: StateConfig = _state_config(config)
         self.backend: StateBackend = state_mod.backend_for(self.state_config)
         self.buckets: Buckets | None = None
         self.limits = build_limits(config)

@@ -80,3 +80,14 @@ def test_bad_state_configs(state: str, message: str) -> None:
     text = errors(f"state: {state}\n")
     assert "state" in text
     assert message in text
+
+
+def test_plugin_backend_memory_overrides_a_redis_state_backend() -> None:
+    text = BASE + "state: {backend: redis, url: 'redis://127.0.0.1:1/0', max_keys: 1024}\n"
+    text += "routes: [{name: r, upstream: b, plugins: [{rate_limit: {rate: 1/s}}, "
+    text += "{rate_limit: {rate: 1/s, backend: memory, name: node}}]}]\n"
+    config, source = load_text(text, REGISTRY)
+    runtime = compile_config(config, source)
+    backends = [p.state_config for p in runtime.plugins]  # type: ignore[attr-defined]
+    assert [b.backend for b in backends] == ["redis", "memory"]
+    assert backends[1].max_keys == 1024
