@@ -139,14 +139,23 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway did not start:\n{self.logs()}") from None
 
     def wait_started(self, timeout: float = 30.0) -> None:
-        """Until the supervisor logs ``started`` (every worker ready)."""
+        """Until every worker is ready: the admin ``/readyz`` answers 200 (or, for a config
+        without the admin API, the supervisor logs ``started``)."""
         deadline = time.monotonic() + timeout
+        admin = f"127.0.0.1:{self.admin_port}" in self.config_path.read_text()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}")
-            text = self.logs()
-            if '"msg":"started"' in text or "gateway.supervisor: started " in text:
-                return
+            if admin:
+                try:
+                    if self.admin("GET", "/readyz", timeout=1.0).status == 200:
+                        return
+                except OSError:
+                    pass
+            else:
+                text = self.logs()
+                if '"msg":"started"' in text or "gateway.supervisor: started " in text:
+                    return
             time.sleep(0.05)
         raise TimeoutError("the gateway did not report started")
 
