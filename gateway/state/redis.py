@@ -244,7 +244,7 @@ class RedisBackend(StateBackend):
         self._heartbeat: asyncio.Task[None] | None = None
         self._table: SharedTable | None = None
         self._closed = False
-        self._node_id = f"{socket.gethostname()}:{runinfo.run_dir()}"
+        self._node_id = ""  # set at start: this gateway instance (its run directory)
         self._mode_children = {m: _mode_gauge.labels("redis", m) for m in (OK, LOCAL, OPEN, CLOSED)}
         self._err_timeout = _errors.labels("redis", "timeout")
         self._err_error = _errors.labels("redis", "error")
@@ -254,6 +254,7 @@ class RedisBackend(StateBackend):
     async def start(self) -> None:
         assert self.config.url is not None
         self._closed = False
+        self._node_id = f"{socket.gethostname()}:{runinfo.run_dir()}"
         self._client = make_client(self.config.url, self.timeout)
         if self.on_error == LOCAL:
             self._table = open_table(self.config.max_keys)
