@@ -17,14 +17,14 @@ from tests.support.client import Response, request
 from tests.support.procs import GatewayProcess, UpstreamProcess
 from tests.support.redis import RedisServer
 
-#: Every request must be answered within this, whatever Redis does (the timeout is 50 ms).
+#: Every request must be answered within this, whatever Redis does (the timeout is 200 ms).
 BOUND = 2.0
 
 
 def redis_config(
     upstream: UpstreamProcess, redis: RedisServer, plugin: dict[str, Any], **state: Any
 ) -> dict[str, Any]:
-    state = {"backend": "redis", "url": redis.url, "timeout": "50ms", **state}
+    state = {"backend": "redis", "url": redis.url, "timeout": "200ms", **state}
     return proxy_config(upstream.url, plugins=[{"rate_limit": plugin}], top={"state": state})
 
 
@@ -110,14 +110,15 @@ def test_stalled_redis_each_mode_bounded_then_recovers(
         assert all(s == "200" and h is None for s, h in seen)
     else:
         assert all(s == "closed" for s, _ in seen)
-    # Recovery: within seconds the checks go to Redis again. Its bucket had 39 left; the check
-    # that timed out when the stall began may still have run there once Redis woke up.
+    # Recovery: within seconds the checks go to Redis again. Its bucket had 39 left (checks
+    # that timed out may still have run there once Redis woke up); the node's had at most 9.
     deadline = time.monotonic() + 10
     while True:
         r, took = timed(gw.port)
         assert took < BOUND
         header = r.header("ratelimit") or ""
-        if r.status == 200 and header.startswith(('"default";r=38;', '"default";r=37;')):
+        left = int(header.split("r=")[1].split(";")[0]) if "r=" in header else -1
+        if r.status == 200 and 30 <= left <= 38:
             break
         assert time.monotonic() < deadline, (r.status, header)
         time.sleep(0.1)

@@ -748,7 +748,8 @@ limits: {header_timeout: 5x, max_body_size: 10q}
             "routes[0].plugins[0].headers.request.sett: unknown key (line 9)",
             "routes[0].plugins[1].cors: allow_credentials cannot be combined with '*' in "
             "allow_origins: list the trusted origins (line 10)",
-            "routes[0].plugins[2].nope: unknown plugin (known: cors, headers, rate_limit) (line 11)",
+            "routes[0].plugins[2].nope: unknown plugin (known: cors, headers, rate_limit) "
+            "(line 11)",
         ]
     )
 

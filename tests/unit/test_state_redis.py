@@ -16,6 +16,8 @@ HOURLY = (Limit(30, 3600, 30, "h"),)
 
 
 async def started(redis: RedisServer, **kw: object) -> RedisBackend:
+    # A timeout this busy test machine never reaches unless Redis is made to fail.
+    kw.setdefault("timeout", 2.0)
     backend = RedisBackend(StateConfig(backend="redis", url=redis.url, **kw))  # type: ignore[arg-type]
     await backend.start()
     return backend
@@ -85,7 +87,7 @@ async def test_stall_degrades_each_mode_within_the_timeout_and_recovers(
     redis: RedisServer,
 ) -> None:
     backends = {
-        mode: await started(redis, on_error=mode, timeout=0.05, nodes=3)
+        mode: await started(redis, on_error=mode, timeout=0.2, nodes=3)
         for mode in (LOCAL, OPEN, CLOSED)
     }
     try:
@@ -96,7 +98,7 @@ async def test_stall_degrades_each_mode_within_the_timeout_and_recovers(
         for mode, b in buckets.items():
             started_at = time.monotonic()
             verdicts = [await b.take("s", 1) for _ in range(12)]
-            assert time.monotonic() - started_at < 2.0  # the first waits 50 ms, then none
+            assert time.monotonic() - started_at < 2.0  # the first waits 200 ms, then none
             assert {v.mode for v in verdicts} == {mode}
             if mode == LOCAL:  # 30/h over 3 nodes: 10 per node
                 assert [v.allowed for v in verdicts] == [True] * 10 + [False] * 2
@@ -113,7 +115,7 @@ async def test_stall_degrades_each_mode_within_the_timeout_and_recovers(
 
 
 async def test_killed_then_restarted(redis: RedisServer) -> None:
-    backend = await started(redis, on_error=CLOSED, timeout=0.05)
+    backend = await started(redis, on_error=CLOSED, timeout=0.2)
     try:
         buckets = backend.buckets(HOURLY)
         assert (await buckets.take("k", 1)).mode == OK
@@ -132,7 +134,7 @@ async def test_killed_then_restarted(redis: RedisServer) -> None:
 
 async def test_starting_with_redis_down_starts_degraded(redis: RedisServer) -> None:
     redis.kill()
-    backend = await started(redis, on_error=OPEN, timeout=0.05)
+    backend = await started(redis, on_error=OPEN, timeout=0.2)
     try:
         assert backend.mode == OPEN
         assert (await backend.buckets(HOURLY).take("k", 1)).allowed
