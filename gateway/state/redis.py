@@ -452,7 +452,9 @@ class RedisBackend(StateBackend):
             for i in todo:
                 buckets, key, cost, _ = items[i]
                 keys = buckets.redis_keys(key)
-                pipe.evalsha(sha, len(keys), *keys, cost, *buckets.args)
+                # execute_command, not evalsha(): redis-py's cluster pipeline blocks the
+                # evalsha method, but routes the command itself by its keys' slot.
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, cost, *buckets.args)
             answers = await pipe.execute(raise_on_error=False)
             retry = []
             for i, res in zip(todo, answers, strict=True):

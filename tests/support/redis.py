@@ -35,6 +35,7 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="gw-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: tuple[str, ...] = ()
         self.start()
 
     @property
@@ -57,6 +58,7 @@ class RedisServer:
                 self.dir,
                 "--enable-debug-command",
                 "local",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -105,3 +107,59 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisClusterServers:
+    """A three-primary Redis Cluster (no replicas) on free loopback ports."""
+
+    def __init__(self) -> None:
+        self.nodes: list[RedisServer] = []
+        try:
+            for _ in range(3):
+                node = RedisServer.__new__(RedisServer)
+                node.binary = shutil.which("redis-server") or "redis-server"
+                node.port = _cluster_port()
+                node.dir = tempfile.mkdtemp(prefix="gw-redis-cluster-")
+                node.proc = None
+                node.extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+                node.start()
+                self.nodes.append(node)
+            cli = shutil.which("redis-cli") or "redis-cli"
+            subprocess.run(
+                [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes]]
+                + ["--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            deadline = time.monotonic() + 20
+            while b"cluster_state:ok" not in self.nodes[0].command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the test Redis Cluster did not become ready")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

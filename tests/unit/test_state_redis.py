@@ -10,7 +10,7 @@ from gateway.config.model import StateConfig
 from gateway.state import CLOSED, LOCAL, OK, OPEN
 from gateway.state.gcra import Limit
 from gateway.state.redis import RedisBackend
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisClusterServers, RedisServer
 
 HOURLY = (Limit(30, 3600, 30, "h"),)
 
@@ -142,3 +142,29 @@ async def test_starting_with_redis_down_starts_degraded(redis: RedisServer) -> N
         await wait_mode(backend, OK)
     finally:
         await backend.close()
+
+
+async def test_redis_cluster_keeps_a_requests_buckets_on_one_slot() -> None:
+    cluster = RedisClusterServers()
+    try:
+        config = StateConfig(backend="redis", url=cluster.url, timeout=2.0)
+        backend = RedisBackend(config)
+        await backend.start()
+        try:
+            assert backend.healthy, backend.status()
+            limits = (Limit(30, 3600, 30, "hourly"), Limit(5, 3600, 5, "burst"))
+            buckets = backend.buckets(limits)
+            # Many keys, spread over the three primaries; two limits each (one script, two keys).
+            verdicts = await asyncio.gather(
+                *(buckets.take(f"client-{i % 8}", 1) for i in range(200))
+            )
+            assert sum(v.allowed for v in verdicts) == 8 * 5  # the burst limit: 5 per client
+            assert {v.mode for v in verdicts} == {OK}
+            for node in cluster.nodes:  # the script is loaded again where it is missing
+                node.command("SCRIPT", "FLUSH")
+            assert not (await buckets.take("client-0", 1)).allowed
+            assert (await buckets.take("client-new", 1)).allowed
+        finally:
+            await backend.close()
+    finally:
+        cluster.stop()
