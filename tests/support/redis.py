@@ -140,9 +140,17 @@ class RedisClusterServers:
                 node.start()
                 self.nodes.append(node)
             cli = shutil.which("redis-cli") or "redis-cli"
+            addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
             subprocess.run(
-                [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes]]
-                + ["--cluster-replicas", "0", "--cluster-yes"],
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
                 check=True,
                 capture_output=True,
                 timeout=60,
