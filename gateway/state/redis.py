@@ -115,12 +115,13 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def make_client(url: str, timeout: float) -> Any:
+def make_client(url: str, timeout: float) -> tuple[Any, list[Any]]:
     """A ``redis.asyncio`` client for a standalone, Sentinel or Cluster URL.
 
     ``redis://``, ``rediss://``, ``unix://``: standalone. ``redis+sentinel://[:pw@]h:p[,h:p]/
     service[/db]``: the service's master through Sentinel. ``redis+cluster://[:pw@]h:p[,h:p]``:
-    Redis Cluster (startup nodes).
+    Redis Cluster (startup nodes). Returns the client and the other clients to close with it
+    (the Sentinels').
     """
     import redis.asyncio as aredis
 
@@ -135,7 +136,7 @@ def make_client(url: str, timeout: float) -> Any:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
-        return aredis.Redis.from_url(url, **opts)
+        return aredis.Redis.from_url(url, **opts), []
     hosts = []
     netloc = parts.netloc.rsplit("@", 1)
     password = unquote(netloc[0].split(":", 1)[-1]) if len(netloc) == 2 else None
@@ -152,17 +153,18 @@ def make_client(url: str, timeout: float) -> Any:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts, sentinel_kwargs={"socket_timeout": sock_timeout}, **opts
         )
-        return sentinel.master_for(path[0], db=db, password=password)
+        return sentinel.master_for(path[0], db=db, password=password), list(sentinel.sentinels)
     if scheme == "redis+cluster":
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         query = parse_qs(parts.query)
-        return RedisCluster(
+        cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in hosts],
             password=password,
             require_full_coverage="false" not in query.get("require_full_coverage", []),
             **opts,
         )
+        return cluster, []
     raise ValueError(f"unsupported Redis URL scheme {scheme!r}")
 
 
@@ -234,6 +236,7 @@ class RedisBackend(StateBackend):
         self.largest_batch = 0
         self.last_error = ""
         self._client: Any = None
+        self._also_close: list[Any] = []
         self._sha = _sha1(TAKE_SCRIPT)
         self._add_sha = _sha1(ADD_SCRIPT)
         self._batch: _Batch | None = None
@@ -255,7 +258,7 @@ class RedisBackend(StateBackend):
         assert self.config.url is not None
         self._closed = False
         self._node_id = f"{socket.gethostname()}:{runinfo.run_dir()}"
-        self._client = make_client(self.config.url, self.timeout)
+        self._client, self._also_close = make_client(self.config.url, self.timeout)
         if self.on_error == LOCAL:
             self._table = open_table(self.config.max_keys)
         try:
@@ -282,6 +285,9 @@ class RedisBackend(StateBackend):
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
+            for other in self._also_close:
+                with contextlib.suppress(Exception):
+                    await other.aclose()
         if self._table is not None:
             close_table(self._table)
             self._table = None

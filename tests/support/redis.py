@@ -171,3 +171,29 @@ class RedisClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinel:
+    """One Redis Sentinel watching ``master`` as service ``name``."""
+
+    def __init__(self, master: RedisServer, name: str = "gw") -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="gw-sentinel-")
+        conf = f"{self.dir}/sentinel.conf"
+        with open(conf, "w") as f:
+            f.write(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+            )
+        binary = shutil.which("redis-server") or "redis-server"
+        self.proc = subprocess.Popen(
+            [binary, conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port, self.proc)
+        self.url = f"redis+sentinel://127.0.0.1:{self.port}/{name}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)

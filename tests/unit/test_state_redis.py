@@ -10,7 +10,7 @@ from gateway.config.model import StateConfig
 from gateway.state import CLOSED, LOCAL, OK, OPEN
 from gateway.state.gcra import Limit
 from gateway.state.redis import RedisBackend
-from tests.support.redis import RedisClusterServers, RedisServer
+from tests.support.redis import RedisClusterServers, RedisSentinel, RedisServer
 
 HOURLY = (Limit(30, 3600, 30, "h"),)
 
@@ -168,3 +168,19 @@ async def test_redis_cluster_keeps_a_requests_buckets_on_one_slot() -> None:
             await backend.close()
     finally:
         cluster.stop()
+
+
+async def test_sentinel_url_finds_the_master(redis: RedisServer) -> None:
+    sentinel = RedisSentinel(redis)
+    try:
+        backend = RedisBackend(StateConfig(backend="redis", url=sentinel.url, timeout=2.0))
+        await backend.start()
+        try:
+            assert backend.healthy, backend.status()
+            verdict = await backend.buckets(HOURLY).take("via-sentinel", 1)
+            assert verdict.allowed and verdict.mode == OK
+            assert b"gw:rl:{via-sentinel}:h" in redis.command("KEYS", "gw:rl:*")
+        finally:
+            await backend.close()
+    finally:
+        sentinel.stop()
