@@ -195,13 +195,16 @@ class Worker:
         every = max(1, round(STATUS_INTERVAL / SWEEP_INTERVAL))
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            state = self.state
-            state.sweep()
-            CONNECTIONS_OPEN_CHILD.set(len(state.connections))
-            metrics.flush()
-            ticks += 1
-            if ticks % every == 0:
-                self.write_status()
+            try:
+                state = self.state
+                state.sweep()
+                CONNECTIONS_OPEN_CHILD.set(len(state.connections))
+                metrics.flush()
+                ticks += 1
+                if ticks % every == 0:
+                    self.write_status()
+            except Exception:  # one failure must not stop timeouts, the clock, metrics
+                log.exception("sweep failed")
 
     def status(self) -> dict[str, Any]:
         """What the admin ``/status`` shows for this worker."""
@@ -217,11 +220,14 @@ class Worker:
         upstreams = {}
         for name, upstream in runtime.upstreams.items():
             describe = getattr(upstream, "status", None)
-            upstreams[name] = (
-                describe()
-                if describe is not None
-                else {"targets": [t.label for t in upstream.targets]}
-            )
+            try:
+                upstreams[name] = (
+                    describe()
+                    if describe is not None
+                    else {"targets": [t.label for t in upstream.targets]}
+                )
+            except Exception as exc:
+                upstreams[name] = {"error": repr(exc)}
         return {
             "pid": os.getpid(),
             "worker": runinfo.worker_id(),
@@ -268,6 +274,10 @@ class Worker:
         for conn in list(state.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        # connection_lost (which logs and counts the cut exchanges) runs on the next
+        # iterations: before the access log closes and the metrics are flushed.
+        for _ in range(3):
+            await asyncio.sleep(0)
         for target in state.runtime.targets():
             target.pool.close_all()
         for plugin in state.runtime.plugins:

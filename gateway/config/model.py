@@ -149,7 +149,7 @@ class StateConfig(Strict):
 
 class AdminConfig(Strict):
     bind: str = Field(default="127.0.0.1:9901", min_length=1)
-    token: str | None = None
+    token: str | None = Field(default=None, min_length=1)  # "": a typo, not "no token"
 
 
 class AccessLogConfig(Strict):

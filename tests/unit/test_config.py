@@ -792,6 +792,7 @@ def test_operations_keys_are_validated() -> None:
         ("tracing: {sample_ratio: 2}\n", "tracing.sample_ratio"),
         ("access_log: {path: x, rotate: daily}\n", "access_log.rotate"),
         ("drain_timeout: soon\n", "drain_timeout"),
+        ('admin: {token: ""}\n', "admin.token"),  # an empty ${ADMIN_TOKEN}: not "no token"
     ]:
         with pytest.raises((ConfigError, CompileError)) as info:
             load(base + text)
