@@ -171,11 +171,12 @@ def gateway_config(
     listener_sharing: str = "reuseport",
     admin_port: int | None = None,
     tls: tuple[Path, Path] | None = None,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     listener: dict[str, Any] = {"name": "public", "bind": f"127.0.0.1:{port}"}
     if tls is not None:
         listener["tls"] = {"certificates": [{"cert": str(tls[0]), "key": str(tls[1])}]}
-    return {
+    config: dict[str, Any] = {
         "workers": workers,
         "admin": {"bind": f"127.0.0.1:{admin_port or free_port()}"},
         "listener_sharing": listener_sharing,
@@ -193,6 +194,24 @@ def gateway_config(
         "limits": {"max_connections": nginx.PROXY_WORKER_CONNECTIONS},
         "log": {"level": "warning"},
     }
+    if redis_url is not None:  # scenarios with ``redis=True`` (rate_limit_redis)
+        config["state"] = {"backend": "redis", "url": redis_url}
+    return config
+
+
+def start_redis(bench: Bench, directory: Path) -> str:
+    """A redis-server for the scenarios that need one, on the load CPUs; returns its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the Redis scenarios need redis-server (apt-get install redis-server)")
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir"]
+    proc = bench.procs.start(
+        "redis", [*argv, str(directory)], directory / "redis.log", cpus=bench.split.load
+    )
+    wait_listening([proc], port)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def start_gateway(
@@ -205,6 +224,7 @@ def start_gateway(
     admin_port = free_port()
     conf = directory / "gateway.yaml"
     tls = tls_files(bench, scenarios)
+    redis_url = start_redis(bench, directory / "redis") if any(s.redis for s in scenarios) else None
     config = gateway_config(
         port,
         bench.upstreams,
@@ -214,6 +234,7 @@ def start_gateway(
         bench.settings.listener_sharing,
         admin_port,
         tls,
+        redis_url,
     )
     conf.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

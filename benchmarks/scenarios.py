@@ -56,6 +56,10 @@ class Scenario:
     locust: bool = True
     #: Served over HTTPS by both proxies (TLS terminated by each; the upstream stays plain).
     tls: bool = False
+    #: Needs a redis-server: the harness starts one and gives the gateway
+    #: ``state: {backend: redis}`` (scenarios without it that must stay off Redis say so in
+    #: their plugin config, e.g. ``rate_limit: {backend: memory}``).
+    redis: bool = False
 
     def gateway_route(self) -> dict[str, Any]:
         route: dict[str, Any] = {
@@ -123,11 +127,24 @@ SCENARIOS: tuple[Scenario, ...] = (
         headers=(("Authorization", f"Bearer {jwt_bench.token('ES256')}"),),
         route={"plugins": [jwt_bench.plugin_config(cache=False)]},
     ),
+    # Limits far above the offered load: every request is checked and admitted. One key (the
+    # client address) for all, the worst case for contention on the bucket.
+    Scenario(
+        "rate_limit", "rate-limited route, memory backend (node's shared-memory table)",
+        path="/limited",
+        route={"plugins": [{"rate_limit": {
+            "key": "ip", "rate": "1000000/s", "backend": "memory",
+        }}]},
+    ),
+    Scenario(
+        "rate_limit_redis", "rate-limited route, Redis backend (local redis-server, batched)",
+        path="/limited-redis", redis=True,
+        route={"plugins": [{"rate_limit": {"key": "ip", "rate": "1000000/s"}}]},
+    ),
 )  # fmt: skip
 
 #: Scenarios whose plugins do not exist yet; each is added to ``SCENARIOS`` by its issue.
 PLANNED: tuple[tuple[str, str], ...] = (
-    ("rate_limit", "rate-limited route, limit above the offered load (rate-limit plugin)"),
     ("llm_json", "LLM chat completion, JSON, to the fake LLM (LLM plugin)"),
     ("llm_stream", "LLM chat completion, SSE stream, to the fake LLM (LLM plugin)"),
 )

@@ -197,8 +197,9 @@ def default_registry() -> Registry:
     from plugins.cors import CorsPlugin
     from plugins.headers import HeadersPlugin
     from plugins.jwt import JwtPlugin
+    from plugins.rate_limit import RateLimitPlugin
 
-    registry = Registry([HeadersPlugin, CorsPlugin, JwtPlugin])
+    registry = Registry([HeadersPlugin, CorsPlugin, JwtPlugin, RateLimitPlugin])
     registry.load_entry_points()
     return registry
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway import state
 from gateway.config.load import ConfigIssue, PluginSpec, Source, format_loc
 from gateway.config.model import GatewayConfig, LimitsConfig, ListenerConfig, UpstreamConfig
 from gateway.http.headers import is_token
@@ -534,6 +535,8 @@ class _Compiler:
 def compile_config(config: GatewayConfig, source: Source) -> Runtime:
     """Build a ``Runtime``; raises ``CompileError`` listing every problem found."""
     c = _Compiler(config, source)
+    # Plugins built next (rate_limit, ...) read the state backend's config from here.
+    state.use_config(config.state)
     listeners = c.listeners()
     upstreams = c.upstreams()
     forwarding = c.forwarding()

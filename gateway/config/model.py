@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from gateway.config.units import Duration, Size
 
@@ -172,6 +172,42 @@ class LogConfig(Strict):
     format: Literal["json", "text"] = "json"
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+
+
+class StateConfig(Strict):
+    """Where state shared between workers and nodes lives (rate limits, later budgets)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    #: redis://, rediss://, unix://, redis+sentinel://host:port[,host:port]/service[/db],
+    #: redis+cluster://host:port[,host:port]
+    url: str | None = None
+    on_error: Literal["local", "open", "closed"] = "local"
+    timeout: Duration = 0.05
+    #: nodes sharing the Redis limits, for on_error: local (null: counted through Redis)
+    nodes: int | None = Field(default=None, ge=1, le=10_000)
+    #: slots of the node's shared-memory table (memory backend, and the local fallback)
+    max_keys: int = Field(default=65536, ge=64, le=1 << 26)
+    key_prefix: str = Field(default="gw:", max_length=64)
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StateConfig:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("url: required when backend is redis")
+        scheme, _, rest = (self.url or "").partition("://")
+        if self.url and scheme.lower() not in _REDIS_SCHEMES:
+            raise ValueError(f"url: expected one of {', '.join(s + '://' for s in _REDIS_SCHEMES)}")
+        if scheme.lower() == "redis+sentinel" and not rest.partition("/")[2].strip("/"):
+            raise ValueError(
+                "url: a redis+sentinel URL names the service: redis+sentinel://h:p/name"
+            )
+        if self.backend == "memory" and self.url:
+            raise ValueError("url: only for backend: redis")
+        if self.timeout <= 0 or self.timeout > 10:
+            raise ValueError("timeout: must be between 0 and 10 seconds")
+        return self
+
+
 class AdminConfig(Strict):
     bind: str = Field(default="127.0.0.1:9901", min_length=1)
     token: str | None = Field(default=None, min_length=1)  # "": a typo, not "no token"
@@ -202,3 +238,4 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
     log: LogConfig = LogConfig()
+    state: StateConfig = StateConfig()

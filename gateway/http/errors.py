@@ -33,6 +33,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "no_healthy_upstream": (503, "no upstream target is available"),
     "too_many_connections": (503, "the gateway is at its connection limit"),
     "jwks_unavailable": (503, "the token issuer's signing keys could not be loaded"),
+    "rate_limit_unavailable": (503, "the rate limit state backend is unavailable"),
     "upstream_connect_timeout": (504, "timed out connecting to the upstream"),
     "upstream_timeout": (504, "the upstream did not respond in time"),
     "plugin_timeout": (504, "the request plugins did not finish in time"),

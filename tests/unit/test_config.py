@@ -271,7 +271,7 @@ routes:
 """
     )
     assert errors(text) == [
-        f"routes[0].plugins[0].jwtt: unknown plugin (known: cors, headers, jwt) "
+        f"routes[0].plugins[0].jwtt: unknown plugin (known: cors, headers, jwt, rate_limit) "
         f"(line {line(text, 'jwtt')})",
         "routes[0].plugins[1]: a plugin entry is a mapping of one plugin name to its config "
         f"(line {line(text, '{headers')})",
@@ -744,7 +744,8 @@ limits: {header_timeout: 5x, max_body_size: 10q}
             "routes[0].plugins[0].headers.request.sett: unknown key (line 9)",
             "routes[0].plugins[1].cors: allow_credentials cannot be combined with '*' in "
             "allow_origins: list the trusted origins (line 10)",
-            "routes[0].plugins[2].nope: unknown plugin (known: cors, headers, jwt) (line 11)",
+            "routes[0].plugins[2].nope: unknown plugin (known: cors, headers, jwt, rate_limit) "
+            "(line 11)",
         ]
     )
 
