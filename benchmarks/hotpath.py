@@ -16,7 +16,8 @@ compare before and after a hot-path change:
 writer thread, whose instructions callgrind counts too) or ``off`` (no log phase at all).
 ``--no-tracing`` turns the W3C traceparent off (on by default, as in the gateway).
 
-``--scenario`` picks the route: ``plain`` (the default, the history below), ``bearer`` (the
+``--scenario`` picks the route: ``plain`` (the default, the history below), ``headers`` (one
+response-side plugin: the cost of a plugin chain), ``bearer`` (the
 same plain proxy, the request carrying an ``Authorization: Bearer`` JWT), ``jwt`` (that request
 through the jwt plugin, a verified-token cache hit), ``jwt_cold_rs256`` / ``jwt_cold_es256``
 (the cache off: a full verification per request). Compare ``jwt`` with ``bearer``: same bytes
@@ -101,13 +102,16 @@ class FakeTransport:
         pass
 
 
-SCENARIOS = ("plain", "bearer", "jwt", "jwt_cold_rs256", "jwt_cold_es256")
+SCENARIOS = ("plain", "headers", "bearer", "jwt", "jwt_cold_rs256", "jwt_cold_es256")
 
 
 def scenario_setup(scenario: str) -> tuple[str, bytes]:
     """The config and the request bytes for a scenario."""
     if scenario == "plain":
         return CONFIG, REQUEST
+    if scenario == "headers":  # one response-side plugin: what a plugin chain costs
+        plugin = "{headers: {response: {set: {x-served-by: gateway}}}}"
+        return CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{plugin}]}}"), REQUEST
     import json
 
     from benchmarks import jwt_bench

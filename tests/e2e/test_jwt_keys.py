@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from gateway.http.headers import Headers
 from gateway.plugin import Reply
 from gateway.proxy.exchange import Exchange
 from plugins.jwt import JwtPlugin
 from plugins.jwt.config import JwksSettings, JwtConfig
 from plugins.jwt.jwks import FETCHES, STALE, _refresh_in
+from tests.support.exchange import make_exchange
 from tests.support.jwks_server import JwksServer, ec_key, mint, public_jwk, rsa_key
 
 RSA = rsa_key()
@@ -53,10 +52,7 @@ async def make_plugin() -> AsyncIterator[Callable[..., Awaitable[JwtPlugin]]]:
 
 
 def exchange(token: str) -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1", tls_client=None))  # type: ignore[arg-type]
-    ex.method = b"GET"
-    ex.headers = Headers([(b"authorization", b"Authorization", b"Bearer " + token.encode())])
-    return ex
+    return make_exchange([(b"Authorization", b"Bearer " + token.encode())], route=None)
 
 
 async def run(p: JwtPlugin, token: str) -> Reply | None:

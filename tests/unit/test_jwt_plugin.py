@@ -7,19 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
-from gateway.http.headers import Headers
 from gateway.plugin import Reply
 from gateway.proxy.chain import Chain
 from gateway.proxy.exchange import Exchange
 from plugins.jwt import JwtPlugin
 from plugins.jwt.config import JwtConfig
+from tests.support.exchange import make_exchange
 from tests.support.jwks_server import ec_key, ed_key, mint, public_jwk, rsa_key
 
 ISS = "https://idp.example/"
@@ -62,12 +61,7 @@ def token(key: Any = RSA, alg: str = "RS256", kid: str | None = "rsa1", **claims
 def exchange(
     headers: list[tuple[bytes, bytes]] | None = None, method: bytes = b"GET", query: bytes = b""
 ) -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1", tls_client=None))  # type: ignore[arg-type]
-    ex.method = method
-    ex.query = query
-    ex.route = SimpleNamespace(name="orders")  # type: ignore[assignment]
-    ex.headers = Headers([(n.lower(), n, v) for n, v in headers or []])
-    return ex
+    return make_exchange(headers, method=method, query=query)
 
 
 def bearer(tok: str, *more: tuple[bytes, bytes]) -> Exchange:

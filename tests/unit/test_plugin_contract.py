@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib.metadata import EntryPoint
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,10 +24,11 @@ from gateway.plugin import (
 )
 from gateway.proxy.chain import Chain, PluginFailure
 from gateway.proxy.exchange import Exchange
+from tests.support.exchange import make_exchange
 
 
 def exchange() -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1", tls_client=None))  # type: ignore[arg-type]
+    ex = make_exchange(route=None)
     ex.request_id = "rid-1"
     ex.set_var("trace", [])
     return ex

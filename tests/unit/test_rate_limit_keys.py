@@ -4,7 +4,6 @@ auth plugin sets them on the exchange), composites, and the missing-key policy."
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,13 +13,13 @@ from gateway.plugin import Reply
 from gateway.proxy.exchange import Exchange
 from plugins.rate_limit import RateLimitConfig, RateLimitPlugin
 from plugins.rate_limit.keys import compile_key
+from tests.support.exchange import make_exchange
 
 
 def exchange(headers: dict[str, str] | None = None, **attrs: object) -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.7"))  # type: ignore[arg-type]
-    ex.route = SimpleNamespace(name="orders")  # type: ignore[assignment]
-    for name, value in (headers or {}).items():
-        ex.headers.add(name.encode(), value.encode())
+    ex = make_exchange(
+        [(n.encode(), v.encode()) for n, v in (headers or {}).items()], client_ip="192.0.2.7"
+    )
     for name, value in attrs.items():
         setattr(ex, name, value)
     return ex
