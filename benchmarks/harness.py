@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks import loadgen, machine, nginx, profile, report
+from benchmarks import loadgen, machine, nginx, profile, report, tlscert
 from benchmarks.procs import (
     Proc,
     Processes,
@@ -124,14 +124,15 @@ class Bench:
 class ProxyUnderTest:
     """A running gateway (N processes on one port) or nginx (master + N workers)."""
 
-    def __init__(self, name: str, port: int, procs: list[Proc]) -> None:
+    def __init__(self, name: str, port: int, procs: list[Proc], scheme: str = "http") -> None:
         self.name = name
         self.port = port
         self.procs = procs
+        self.scheme = scheme
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def pids(self) -> list[int]:
         return [pid for proc in self.procs for pid in proc.pids()]
@@ -152,6 +153,15 @@ class ProxyUnderTest:
 # -- starting the proxies ------------------------------------------------------------------
 
 
+def tls_files(bench: Bench, scenarios: list[Scenario]) -> tuple[Path, Path] | None:
+    """The certificate and key when the scenarios are HTTPS ones (all or none of them)."""
+    if not any(s.tls for s in scenarios):
+        return None
+    if not all(s.tls for s in scenarios):
+        raise ValueError("HTTPS and plain scenarios cannot share one proxy")
+    return tlscert.write_certificate(bench.work / "tls")
+
+
 def gateway_config(
     port: int,
     upstreams: dict[str, Upstream],
@@ -160,6 +170,8 @@ def gateway_config(
     access_log: str = "-",
     listener_sharing: str = "reuseport",
     admin_port: int | None = None,
+    tls: tuple[Path, Path] | None = None,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     keepalive = {"max_idle": 1024, "max_requests": 10000}
     config_upstreams: dict[str, Any] = {
@@ -173,11 +185,14 @@ def gateway_config(
                 "targets": [{"url": upstreams[s.upstream].url}] * s.targets,
                 "keepalive": keepalive,
             }
-    return {
+    listener: dict[str, Any] = {"name": "public", "bind": f"127.0.0.1:{port}"}
+    if tls is not None:
+        listener["tls"] = {"certificates": [{"cert": str(tls[0]), "key": str(tls[1])}]}
+    config: dict[str, Any] = {
         "workers": workers,
         "admin": {"bind": f"127.0.0.1:{admin_port or free_port()}"},
         "listener_sharing": listener_sharing,
-        "listeners": [{"name": "public", "bind": f"127.0.0.1:{port}"}],
+        "listeners": [listener],
         # Scenarios log only where their route says so (``observed_get``).
         "access_log": {"path": access_log},
         "upstreams": config_upstreams,
@@ -185,6 +200,24 @@ def gateway_config(
         "limits": {"max_connections": nginx.PROXY_WORKER_CONNECTIONS},
         "log": {"level": "warning"},
     }
+    if redis_url is not None:  # scenarios with ``redis=True`` (rate_limit_redis)
+        config["state"] = {"backend": "redis", "url": redis_url}
+    return config
+
+
+def start_redis(bench: Bench, directory: Path) -> str:
+    """A redis-server for the scenarios that need one, on the load CPUs; returns its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the Redis scenarios need redis-server (apt-get install redis-server)")
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir"]
+    proc = bench.procs.start(
+        "redis", [*argv, str(directory)], directory / "redis.log", cpus=bench.split.load
+    )
+    wait_listening([proc], port)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def start_gateway(
@@ -196,6 +229,8 @@ def start_gateway(
     port = free_port()
     admin_port = free_port()
     conf = directory / "gateway.yaml"
+    tls = tls_files(bench, scenarios)
+    redis_url = start_redis(bench, directory / "redis") if any(s.redis for s in scenarios) else None
     config = gateway_config(
         port,
         bench.upstreams,
@@ -204,6 +239,8 @@ def start_gateway(
         str(directory / "access.log"),
         bench.settings.listener_sharing,
         admin_port,
+        tls,
+        redis_url,
     )
     conf.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -217,6 +254,7 @@ def start_gateway(
             cwd=ROOT,
         )
     ]
+    proxy = ProxyUnderTest("gateway", port, started, "https" if tls else "http")
     try:
         wait_listening(started, port)
         _wait_ready(started[0], admin_port)
@@ -224,7 +262,7 @@ def start_gateway(
         for proc in started:
             bench.procs.stop(proc)
         raise
-    return ProxyUnderTest("gateway", port, started)
+    return proxy
 
 
 def _wait_ready(proc: Proc, admin_port: int, timeout: float = 30.0) -> None:
@@ -244,7 +282,8 @@ def start_nginx_proxy(
 ) -> ProxyUnderTest:
     port = free_port()
     upstream_ports = {name: up.port for name, up in bench.upstreams.items()}
-    nginx.write_proxy_config(directory, port, workers, upstream_ports, scenarios)
+    tls = tls_files(bench, scenarios)
+    nginx.write_proxy_config(directory, port, workers, upstream_ports, scenarios, tls)
     proc = bench.procs.start(
         "nginx proxy",
         nginx.argv(binary, directory, "proxy"),
@@ -259,7 +298,7 @@ def start_nginx_proxy(
     except Exception:
         bench.procs.stop(proc)
         raise
-    return ProxyUnderTest("nginx", port, [proc])
+    return ProxyUnderTest("nginx", port, [proc], "https" if tls else "http")
 
 
 def start_proxies(

@@ -15,6 +15,14 @@ compare before and after a hot-path change:
 ``access-log`` (metrics and an access-log line per request, written to /dev/null by the
 writer thread, whose instructions callgrind counts too) or ``off`` (no log phase at all).
 ``--no-tracing`` turns the W3C traceparent off (on by default, as in the gateway).
+
+``--scenario`` picks the route: ``plain`` (the default, the history below), ``headers`` (one
+response-side plugin: the cost of a plugin chain), ``bearer`` (the
+same plain proxy, the request carrying an ``Authorization: Bearer`` JWT), ``jwt`` (that request
+through the jwt plugin, a verified-token cache hit), ``jwt_cold_rs256`` / ``jwt_cold_es256``
+(the cache off: a full verification per request). Compare ``jwt`` with ``bearer``: same bytes
+parsed, the difference is the plugin.
+
 ``--targets N --balancer NAME`` sends the requests through a balancer over N targets (compare
 with ``--targets 1``, the same driving loop without a balancer, for the balancer's own cost).
 """
@@ -97,10 +105,34 @@ class FakeTransport:
         pass
 
 
-def balanced_config(targets: int, balancer: str) -> str:
-    """``CONFIG`` with ``targets`` targets (distinct ports, never connected to) and a balancer."""
+SCENARIOS = ("plain", "headers", "bearer", "jwt", "jwt_cold_rs256", "jwt_cold_es256")
+
+
+def scenario_setup(scenario: str) -> tuple[str, bytes]:
+    """The config and the request bytes for a scenario."""
+    if scenario == "plain":
+        return CONFIG, REQUEST
+    if scenario == "headers":  # one response-side plugin: what a plugin chain costs
+        plugin = "{headers: {response: {set: {x-served-by: gateway}}}}"
+        return CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{plugin}]}}"), REQUEST
+    import json
+
+    from benchmarks import jwt_bench
+
+    alg = "ES256" if scenario.endswith("es256") else "RS256"
+    auth = b"Authorization: Bearer " + jwt_bench.token(alg).encode() + b"\r\n"
+    request = REQUEST[:-2] + auth + b"\r\n"
+    if scenario == "bearer":
+        return CONFIG, request
+    plugin = jwt_bench.plugin_config(cache=scenario == "jwt")
+    config = CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{json.dumps(plugin)}]}}")
+    return config, request
+
+
+def balanced_config(text: str, targets: int, balancer: str) -> str:
+    """``text`` with ``targets`` targets (distinct ports, never connected to) and a balancer."""
     urls = ", ".join(f'{{url: "http://127.0.0.1:{9 + i}"}}' for i in range(targets))
-    return CONFIG.replace(
+    return text.replace(
         '{targets: [{url: "http://127.0.0.1:9"}]', f"{{balancer: {balancer}, targets: [{urls}]"
     )
 
@@ -109,14 +141,18 @@ async def drive(
     requests: int,
     observe: str = "metrics",
     tracing: bool = True,
+    scenario: str = "plain",
     targets: int = 0,
     balancer: str = "round_robin",
 ) -> float:
     """Proxy ``requests`` GETs; return the seconds spent. With ``targets`` (>= 1), through a
     balancer over that many targets, each with a pooled connection; the response is fed to
     the connection the request went to (three attribute reads more per request)."""
-    text = CONFIG if not targets else balanced_config(targets, balancer)
-    text = text if tracing else text + "tracing: {enabled: false}\n"
+    text, request = scenario_setup(scenario)
+    if targets:
+        text = balanced_config(text, targets, balancer)
+    if not tracing:
+        text += "tracing: {enabled: false}\n"
     config, source = load_text(text, default_registry())
     runtime = compile_config(config, source)
     access = AccessLog(os.devnull) if observe == "access-log" else None
@@ -132,7 +168,7 @@ async def drive(
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
     for _ in range(100):  # warm up
-        client.data_received(REQUEST)
+        client.data_received(request)
         active = client.active
         assert active is not None and active.upstream is not None
         active.upstream.data_received(RESPONSE)
@@ -140,11 +176,11 @@ async def drive(
     start = time.perf_counter()
     if not targets:
         for _ in range(requests):
-            client.data_received(REQUEST)
+            client.data_received(request)
             upstream.data_received(RESPONSE)
     else:
         for _ in range(requests):
-            client.data_received(REQUEST)
+            client.data_received(request)
             client.active.upstream.data_received(RESPONSE)  # type: ignore[union-attr]
     if access is not None:
         access.close()
@@ -199,6 +235,7 @@ def main() -> int:
     )
     parser.add_argument("--observe", choices=["metrics", "access-log", "off"], default="metrics")
     parser.add_argument("--no-tracing", action="store_true")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="plain")
     parser.add_argument(
         "--targets",
         type=int,
@@ -208,6 +245,8 @@ def main() -> int:
     parser.add_argument("--balancer", default="round_robin", help="with --targets")
     args = parser.parse_args()
     flags = ["--observe", args.observe] + (["--no-tracing"] if args.no_tracing else [])
+    if args.scenario != "plain":
+        flags += ["--scenario", args.scenario]
     if args.targets:
         flags += ["--targets", str(args.targets), "--balancer", args.balancer]
     tracing = not args.no_tracing
@@ -225,15 +264,19 @@ def main() -> int:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        uvloop.run(drive(args.requests, args.observe, tracing, args.targets, args.balancer))
+        uvloop.run(
+            drive(args.requests, args.observe, tracing, args.scenario, args.targets, args.balancer)
+        )
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0, args.observe, tracing, args.targets, args.balancer))
+        uvloop.run(drive(0, args.observe, tracing, args.scenario, args.targets, args.balancer))
         return 0
     best = min(
-        uvloop.run(drive(args.requests, args.observe, tracing, args.targets, args.balancer))
+        uvloop.run(
+            drive(args.requests, args.observe, tracing, args.scenario, args.targets, args.balancer)
+        )
         for _ in range(args.runs)
     )
     print(

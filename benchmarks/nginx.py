@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from benchmarks.scenarios import DOWNLOAD_BYTES, POST_BYTES, SMALL_BODY, Scenario, json_body
+from gateway.tls import MODERN_CIPHERS
 
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 #: The gateway bench config's ``limits.max_connections``. nginx preallocates and touches its
@@ -129,10 +130,17 @@ def write_upstream_config(directory: Path, port: int, workers: int) -> Path:
 
 
 def write_proxy_config(
-    directory: Path, port: int, workers: int, upstreams: dict[str, int], scenarios: list[Scenario]
+    directory: Path,
+    port: int,
+    workers: int,
+    upstreams: dict[str, int],
+    scenarios: list[Scenario],
+    tls: tuple[Path, Path] | None = None,
 ) -> Path:
     """The reference reverse proxy: one location per scenario path to its upstream (a
-    multi-target scenario's upstream lists the stub that many times, as the gateway's does)."""
+    multi-target scenario's upstream lists the stub that many times, as the gateway's does).
+    With ``tls`` (certificate and key files) it terminates TLS as the gateway's defaults do:
+    TLS 1.2 and 1.3, the same TLS 1.2 suites, session tickets, ALPN http/1.1 (no http2)."""
     (directory / "logs").mkdir(parents=True, exist_ok=True)
     servers = {name: [up_port] for name, up_port in upstreams.items()}
     for s in scenarios:
@@ -154,11 +162,20 @@ def write_proxy_config(
         }}"""
         for s in scenarios
     )
+    ssl = ""
+    if tls is not None:
+        ssl = f"""
+        ssl_certificate {tls[0]};
+        ssl_certificate_key {tls[1]};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {MODERN_CIPHERS};
+        ssl_prefer_server_ciphers on;
+        ssl_session_tickets on;"""
     conf = (
         _common(directory, workers, "proxy", PROXY_WORKER_CONNECTIONS)
         + f"""{blocks}
     server {{
-        listen 127.0.0.1:{port} backlog=2048 reuseport;
+        listen 127.0.0.1:{port}{" ssl" if tls else ""} backlog=2048 reuseport;{ssl}
         keepalive_requests 100000000;
         keepalive_timeout 60s;
         client_max_body_size 10m;

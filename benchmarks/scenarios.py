@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from benchmarks import jwt_bench
+
 #: Body sizes the static upstream and the scenarios agree on.
 SMALL_BODY = b'{"message":"hello from the benchmark upstream"}\n'
 POST_BYTES = 4096
@@ -56,6 +58,12 @@ class Scenario:
     nginx_location: str = ""
     #: Part of the Locust file's user classes.
     locust: bool = True
+    #: Served over HTTPS by both proxies (TLS terminated by each; the upstream stays plain).
+    tls: bool = False
+    #: Needs a redis-server: the harness starts one and gives the gateway
+    #: ``state: {backend: redis}`` (scenarios without it that must stay off Redis say so in
+    #: their plugin config, e.g. ``rate_limit: {backend: memory}``).
+    redis: bool = False
 
     def gateway_route(self) -> dict[str, Any]:
         route: dict[str, Any] = {
@@ -110,12 +118,48 @@ SCENARIOS: tuple[Scenario, ...] = (
         "idle_2000", "2,000 idle keep-alive connections (RSS)", kind="idle", path="/idle",
         idle_connections=2000, locust=False,
     ),
+    Scenario(
+        "https_get", "plain GET over HTTPS (TLS 1.3), keep-alive", path="/https", tls=True,
+    ),
+    Scenario(
+        "https_handshake", "GET over HTTPS, a new connection and full handshake per request",
+        path="/https-new", tls=True, headers=(("Connection", "close"),),
+    ),
+    # JWT (plugins/jwt): one token per load generator, verified once then a cache hit ...
+    Scenario(
+        "jwt_cached", "JWT RS256, verified-token cache hit", path="/jwt-cached",
+        headers=(("Authorization", f"Bearer {jwt_bench.token('RS256')}"),),
+        route={"plugins": [jwt_bench.plugin_config(cache=True)]},
+    ),
+    # ... and with the cache off: a full verification per request (pyjwt's cost plus the proxy)
+    Scenario(
+        "jwt_cold_rs256", "JWT RS256, cache off: verified every request", path="/jwt-rs256",
+        headers=(("Authorization", f"Bearer {jwt_bench.token('RS256')}"),),
+        route={"plugins": [jwt_bench.plugin_config(cache=False)]},
+    ),
+    Scenario(
+        "jwt_cold_es256", "JWT ES256, cache off: verified every request", path="/jwt-es256",
+        headers=(("Authorization", f"Bearer {jwt_bench.token('ES256')}"),),
+        route={"plugins": [jwt_bench.plugin_config(cache=False)]},
+    ),
+    # Limits far above the offered load: every request is checked and admitted. One key (the
+    # client address) for all, the worst case for contention on the bucket.
+    Scenario(
+        "rate_limit", "rate-limited route, memory backend (node's shared-memory table)",
+        path="/limited",
+        route={"plugins": [{"rate_limit": {
+            "key": "ip", "rate": "1000000/s", "backend": "memory",
+        }}]},
+    ),
+    Scenario(
+        "rate_limit_redis", "rate-limited route, Redis backend (local redis-server, batched)",
+        path="/limited-redis", redis=True,
+        route={"plugins": [{"rate_limit": {"key": "ip", "rate": "1000000/s"}}]},
+    ),
 )  # fmt: skip
 
 #: Scenarios whose plugins do not exist yet; each is added to ``SCENARIOS`` by its issue.
 PLANNED: tuple[tuple[str, str], ...] = (
-    ("jwt", "JWT-protected route, tokens minted from the bench config's key (JWT plugin)"),
-    ("rate_limit", "rate-limited route, limit above the offered load (rate-limit plugin)"),
     ("llm_json", "LLM chat completion, JSON, to the fake LLM (LLM plugin)"),
     ("llm_stream", "LLM chat completion, SSE stream, to the fake LLM (LLM plugin)"),
 )

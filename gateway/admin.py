@@ -37,7 +37,7 @@ class AdminServer:
     def __init__(self, supervisor: Supervisor, bind: str, token: str | None) -> None:
         self.supervisor = supervisor
         self.bind = bind
-        self._token = f"Bearer {token}".encode() if token else None
+        self._token = f"Bearer {token}".encode() if token is not None else None
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -117,7 +117,8 @@ class AdminServer:
 
     async def _metrics(self) -> tuple[int, list[tuple[str, str]], bytes]:
         metrics.flush()  # the supervisor's own counters
-        text = await asyncio.to_thread(metrics.exposition, self.supervisor.metrics_dir)
+        async with self.supervisor._metrics_lock:  # not while a dead worker's are archived
+            text = await asyncio.to_thread(metrics.exposition, self.supervisor.metrics_dir)
         return 200, [("content-type", METRICS_TYPE)], text
 
     async def _status(self) -> tuple[int, list[tuple[str, str]], bytes]:

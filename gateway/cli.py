@@ -1,10 +1,11 @@
-"""The ``gateway`` command: ``run``, ``check``, ``version``."""
+"""The ``gateway`` command: ``run``, ``check``, ``version``, ``keys``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import shutil
+import signal
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -60,6 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The supervisor: validates the config, binds the listeners, runs the workers."""
     from gateway import log as gateway_log
 
+    # Until the handlers are installed, a reload or logrotate signal must not kill us; the
+    # workers inherit the ignored dispositions and install their own handlers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     gateway_log.setup(args.log_level or "info", args.log_format or "json")
     logger = logging.getLogger("gateway")
     from gateway.supervisor import prepare_run_dir
@@ -114,6 +119,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from gateway import log as gateway_log
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     gateway_log.setup(args.log_level, args.log_format)
     logger = logging.getLogger("gateway.worker")
     try:
@@ -166,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
+    from plugins.jwt.tool import add_parser as add_keys_parser
+
+    add_keys_parser(sub)  # gateway keys generate | mint: test JWTs for the jwt plugin
     return parser
 
 

@@ -240,7 +240,25 @@ def exposition(path: str | None = None) -> bytes:
 
 
 def mark_process_dead(pid: int, path: str | None = None) -> None:
-    """Drop a dead worker's live gauges (its counters and histograms keep counting)."""
+    """A worker exited: drop its live gauges, and fold its counters and histograms into one
+    ``<type>_archive.db`` per type, so they keep counting without a file per dead process
+    (restarts and reloads would otherwise leave files that every scrape reads)."""
     from prometheus_client import multiprocess
+    from prometheus_client.mmap_dict import MmapedDict
 
-    multiprocess.mark_process_dead(pid, path or multiprocess_dir())  # type: ignore[no-untyped-call]
+    path = path or multiprocess_dir()
+    if path is None:
+        return
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+    for typ in ("counter", "histogram"):
+        dead = os.path.join(path, f"{typ}_{pid}.db")
+        if not os.path.exists(dead):
+            continue
+        archive = MmapedDict(os.path.join(path, f"{typ}_archive.db"))  # type: ignore[no-untyped-call]
+        try:
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):  # type: ignore[no-untyped-call]
+                old, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
+                archive.write_value(key, old + value, timestamp)  # type: ignore[no-untyped-call]
+        finally:
+            archive.close()  # type: ignore[no-untyped-call]
+        os.unlink(dead)

@@ -12,7 +12,9 @@ Hooks (each optional; the compiler records which a plugin implements):
     Sync or ``async``. Runs in chain order (global plugins first, then the route's). Returning a
     ``Reply`` short-circuits: later plugins' ``on_request`` and the upstream are skipped. A sync
     hook allocates no coroutine: when a chain's request hooks are all sync, the request is
-    forwarded without creating a task.
+    forwarded without creating a task. A sync hook that needs I/O only sometimes (the JWT
+    plugin on an unknown key id) may return an awaitable of ``Reply | None`` instead: the
+    rest of the request phase then runs in a task, under the same ``plugin_timeout``.
 ``on_response(ex)``
     Sync. Runs when the response head is known (from the upstream or a ``Reply``), before it is
     written: may edit ``ex.response_headers`` and ``ex.status``. Runs for every plugin whose
@@ -194,8 +196,10 @@ class Registry:
 def default_registry() -> Registry:
     from plugins.cors import CorsPlugin
     from plugins.headers import HeadersPlugin
+    from plugins.jwt import JwtPlugin
+    from plugins.rate_limit import RateLimitPlugin
 
-    registry = Registry([HeadersPlugin, CorsPlugin])
+    registry = Registry([HeadersPlugin, CorsPlugin, JwtPlugin, RateLimitPlugin])
     registry.load_entry_points()
     return registry
 

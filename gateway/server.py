@@ -13,6 +13,7 @@ access log).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -139,23 +140,24 @@ class Worker:
         loop = asyncio.get_running_loop()
         state = self.state
         for lst in runtime.listeners:
-            ssl_context = getattr(lst, "ssl", None)
             if self._sockets is not None:
                 server = await loop.create_server(
-                    lambda: ClientConnection(state),
+                    functools.partial(ClientConnection, state, lst),
                     sock=self._sockets[lst.name],
                     backlog=lst.backlog,
-                    ssl=ssl_context,
+                    ssl=lst.ssl,
+                    ssl_handshake_timeout=lst.ssl_handshake_timeout,
                 )
             else:
                 server = await loop.create_server(
-                    lambda: ClientConnection(state),
+                    functools.partial(ClientConnection, state, lst),
                     lst.host,
                     lst.port,
                     backlog=lst.backlog,
                     reuse_address=True,
                     reuse_port=True,
-                    ssl=ssl_context,
+                    ssl=lst.ssl,
+                    ssl_handshake_timeout=lst.ssl_handshake_timeout,
                 )
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
@@ -197,13 +199,16 @@ class Worker:
         every = max(1, round(STATUS_INTERVAL / SWEEP_INTERVAL))
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            state = self.state
-            state.sweep()
-            CONNECTIONS_OPEN_CHILD.set(len(state.connections))
-            metrics.flush()
-            ticks += 1
-            if ticks % every == 0:
-                self.write_status()
+            try:
+                state = self.state
+                state.sweep()
+                CONNECTIONS_OPEN_CHILD.set(len(state.connections))
+                metrics.flush()
+                ticks += 1
+                if ticks % every == 0:
+                    self.write_status()
+            except Exception:  # one failure must not stop timeouts, the clock, metrics
+                log.exception("sweep failed")
 
     def status(self) -> dict[str, Any]:
         """What the admin ``/status`` shows for this worker."""
@@ -219,11 +224,14 @@ class Worker:
         upstreams = {}
         for name, upstream in runtime.upstreams.items():
             describe = getattr(upstream, "status", None)
-            upstreams[name] = (
-                describe()
-                if describe is not None
-                else {"targets": [t.label for t in upstream.targets]}
-            )
+            try:
+                upstreams[name] = (
+                    describe()
+                    if describe is not None
+                    else {"targets": [t.label for t in upstream.targets]}
+                )
+            except Exception as exc:
+                upstreams[name] = {"error": repr(exc)}
         return {
             "pid": os.getpid(),
             "worker": runinfo.worker_id(),
@@ -270,6 +278,10 @@ class Worker:
         for conn in list(state.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        # connection_lost (which logs and counts the cut exchanges) runs on the next
+        # iterations: before the access log closes and the metrics are flushed.
+        for _ in range(3):
+            await asyncio.sleep(0)
         for upstream in state.runtime.upstreams.values():
             upstream.stop()
         for target in state.runtime.targets():

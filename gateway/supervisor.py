@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import signal
@@ -64,7 +65,7 @@ class Generation:
     loaded_at: float = field(default_factory=time.time)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: kept in sets
 class WorkerProc:
     slot: int
     generation: Generation
@@ -79,6 +80,11 @@ class WorkerProc:
     @property
     def pid(self) -> int:
         return int(self.proc.pid)
+
+    @property
+    def up(self) -> bool:
+        """Said ready and has not exited since."""
+        return self.ready.is_set() and not self.exited.is_set()
 
 
 class ReloadResult:
@@ -107,10 +113,14 @@ class Supervisor:
         self.sockets: dict[tuple[str, int], socket.socket] = {}
         self.workers: list[WorkerProc] = []  # current generation, by slot
         self.old: list[WorkerProc] = []  # draining generations
-        self.generation = self._generation(1, runtime, text)
+        self.alive: set[WorkerProc] = set()  # every worker process not yet reaped
+        self._generations = itertools.count(1)  # a failed reload's number is not reused
+        self.generation = self._generation(next(self._generations), runtime, text)
         self.started = time.time()
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._metrics_lock = asyncio.Lock()
+        self._starting: Generation | None = None  # a reload's generation, until it is in
         self._backoff: dict[int, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.admin: Any = None
@@ -184,7 +194,11 @@ class Supervisor:
         )
         theirs.close()
         wp = WorkerProc(slot, gen, proc, ours)
+        self.alive.add(wp)
         self._task(self._watch(wp))
+        if self._stopping.is_set():  # stop began while it was being started
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
         log.info(
             "worker started",
             extra={"worker": slot, "pid": proc.pid, "generation": gen.number},
@@ -199,21 +213,29 @@ class Supervisor:
                 data = await loop.sock_recv(wp.control, 4096)
                 if not data:
                     break
-                if b"ready" in data:
+                if b"ready" in data and not wp.ready.is_set():
                     wp.ready.set()
+                    self._update_workers_gauge()
         except OSError:
             pass
         rc = await wp.proc.wait()
         wp.returncode = rc
         wp.exited.set()
+        self.alive.discard(wp)
         wp.control.close()
-        metrics.mark_process_dead(wp.pid, self.metrics_dir)
+        async with self._metrics_lock:  # not while a scrape reads the files
+            try:
+                metrics.mark_process_dead(wp.pid, self.metrics_dir)
+            except OSError as exc:
+                log.warning("cannot archive a dead worker's metrics: %s", exc)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.run_dir, f"worker-{wp.pid}.json"))
+        self._update_workers_gauge()
         if wp in self.old:
             self.old.remove(wp)
             log.info("worker drained", extra={"worker": wp.slot, "pid": wp.pid, "exit": rc})
             self._close_unused_sockets()
+            self._remove_snapshots()
             return
         if self._stopping.is_set() or wp not in self.workers:
             return
@@ -238,7 +260,12 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot start a worker: %s", exc)
             return
-        self.workers[self.workers.index(wp)] = new
+        try:
+            self.workers[self.workers.index(wp)] = new
+        except ValueError:  # a reload replaced the generation meanwhile: not needed
+            with contextlib.suppress(ProcessLookupError):
+                new.proc.send_signal(signal.SIGTERM)
+            return
 
     async def _start_generation(self, gen: Generation) -> list[WorkerProc]:
         """Start a generation's workers and wait until all are ready; on failure, stop the
@@ -262,6 +289,15 @@ class Supervisor:
                         else f"not ready after {READY_TIMEOUT:g}s"
                     )
                     raise RuntimeError(f"worker {wp.slot} of generation {gen.number} {why}")
+            # One that died after saying ready, while others were starting, would be taken
+            # on without anybody to restart it.
+            for wp in started:
+                if wp.exited.is_set():
+                    raise RuntimeError(
+                        f"worker {wp.slot} of generation {gen.number} exited while starting"
+                    )
+            if self._stopping.is_set():
+                raise RuntimeError("stopping")
         except BaseException:
             for wp in started:
                 if wp.proc.returncode is None:
@@ -270,19 +306,33 @@ class Supervisor:
             raise
         return started
 
+    def _update_workers_gauge(self) -> None:
+        self._workers_up.set(sum(1 for wp in self.workers if wp.up))
+        metrics.flush()
+
+    def _remove_snapshots(self) -> None:
+        """Delete config snapshots no live worker uses (the current one stays)."""
+        keep = {self.generation.snapshot} | {wp.generation.snapshot for wp in self.alive}
+        if self._starting is not None:
+            keep.add(self._starting.snapshot)
+        for name in os.listdir(self.run_dir):
+            path = os.path.join(self.run_dir, name)
+            if name.startswith("config-") and path not in keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
     def _close_unused_sockets(self) -> None:
-        used = {
-            id(s)
-            for wp in (*self.workers, *self.old)
-            for s in self._sockets_for(wp.generation, wp.slot).values()
-        }
-        if self.workers:
-            gen = self.workers[0].generation
-            used |= {
-                id(s)
-                for slot in range(gen.runtime.config.workers)
-                for s in self._sockets_for(gen, slot).values()
-            }
+        """Close the sockets that neither the current generation nor one being started
+        uses (draining workers have closed their copies already)."""
+        used = set()
+        for gen in (self.generation, self._starting):
+            if gen is None:
+                continue
+            for slot in range(gen.runtime.config.workers):
+                try:
+                    used |= {id(s) for s in self._sockets_for(gen, slot).values()}
+                except KeyError:  # its sockets were never bound (a failed start)
+                    pass
         for key, sock in list(self.sockets.items()):
             if id(sock) not in used:
                 sock.close()
@@ -291,6 +341,8 @@ class Supervisor:
     # -- reload ------------------------------------------------------------------------
     async def reload(self) -> ReloadResult:
         async with self._reload_lock:
+            if self._stopping.is_set():
+                return ReloadResult(False, self.generation.version, [], "stopping")
             result = await self._reload()
         self._reloads["success" if result.ok else "failure"].inc()
         metrics.flush()
@@ -324,13 +376,16 @@ class Supervisor:
             log.error("reload rejected: cannot bind: %s", exc)
             return ReloadResult(False, current.version, [str(exc)], "cannot bind a listener")
         self.sockets.update(wanted)
-        gen = self._generation(current.number + 1, runtime, text)
+        gen = self._starting = self._generation(next(self._generations), runtime, text)
         try:
             new = await self._start_generation(gen)
         except RuntimeError as exc:
+            self._starting = None
             log.error("reload failed: %s; still serving the old config", exc)
             self._close_unused_sockets()
+            self._remove_snapshots()
             return ReloadResult(False, current.version, [str(exc)], "new workers failed")
+        self._starting = None
         old = self.workers
         self.workers = new
         self.generation = gen
@@ -340,8 +395,10 @@ class Supervisor:
             if wp.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     wp.proc.send_signal(signal.SIGTERM)
-        self._workers_up.set(len(new))
-        metrics.flush()
+        # Sockets the new generation does not use (fewer workers, a listener removed) close
+        # now: left open, the kernel would keep queueing connections on them for nobody.
+        self._close_unused_sockets()
+        self._update_workers_gauge()
         log.info(
             "config reloaded",
             extra={"generation": gen.number, "version": gen.version, "workers": len(new)},
@@ -354,7 +411,7 @@ class Supervisor:
             "slot": wp.slot,
             "pid": wp.pid,
             "generation": wp.generation.number,
-            "ready": wp.ready.is_set(),
+            "ready": wp.up,
             "draining": wp.draining,
             "uptime": round(time.monotonic() - wp.started, 3),
         }
@@ -377,7 +434,7 @@ class Supervisor:
             problems.append("no workers")
         for wp in self.workers:
             st = self.worker_status(wp)
-            if not st["ready"]:
+            if not wp.up:
                 problems.append(f"worker {wp.slot} not ready")
             elif st.get("plugins_ready") is False:
                 problems.append(f"worker {wp.slot}: a plugin is not ready")
@@ -412,8 +469,9 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     def _signal(self, sig: int) -> None:
-        for wp in (*self.workers, *self.old):
-            if wp.proc.returncode is None:
+        # Only to workers that said ready: their handlers are installed by then.
+        for wp in list(self.alive):
+            if wp.ready.is_set() and wp.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     wp.proc.send_signal(sig)
 
@@ -445,13 +503,13 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         loop.add_signal_handler(signal.SIGUSR1, lambda: self._signal(signal.SIGUSR1))
         try:
-            self.workers = await self._start_generation(self.generation)
+            async with self._reload_lock:  # a SIGHUP meanwhile waits for this
+                self.workers = await self._start_generation(self.generation)
         except RuntimeError as exc:
             log.error("cannot start: %s", exc)
             await self._shutdown()
             return 1
-        self._workers_up.set(len(self.workers))
-        metrics.flush()
+        self._update_workers_gauge()
         log.info(
             "started",
             extra={
@@ -467,22 +525,21 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self._stopping.set()
-        everyone = [*self.workers, *self.old]
-        self._signal(signal.SIGTERM)
-        drain = self.generation.runtime.config.drain_timeout
-        if everyone:
-            _, pending = await asyncio.wait(
-                [asyncio.ensure_future(wp.exited.wait()) for wp in everyone],
-                timeout=drain + 5.0,
-            )
-            for f in pending:
-                f.cancel()
-            for wp in everyone:
-                if wp.proc.returncode is None:
-                    log.error("worker did not stop in time; killing it", extra={"pid": wp.pid})
-                    with contextlib.suppress(ProcessLookupError):
-                        wp.proc.kill()
-                    await wp.proc.wait()
+        deadline = time.monotonic() + self.generation.runtime.config.drain_timeout + 5.0
+        signalled: set[WorkerProc] = set()
+        # Workers a reload or a restart was starting when the stop came are in ``alive``
+        # too: each gets SIGTERM, whenever it appears.
+        while self.alive and time.monotonic() < deadline:
+            for wp in list(self.alive - signalled):
+                signalled.add(wp)
+                with contextlib.suppress(ProcessLookupError):
+                    wp.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+        for wp in list(self.alive):
+            log.error("worker did not stop in time; killing it", extra={"pid": wp.pid})
+            with contextlib.suppress(ProcessLookupError):
+                wp.proc.kill()
+            await wp.proc.wait()
         if self.admin is not None:
             await self.admin.stop()
         for sock in self.sockets.values():

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.procs import GatewayProcess, UpstreamProcess
+from tests.support.redis import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,25 @@ def upstream() -> Iterator[UpstreamProcess]:
     up = UpstreamProcess()
     yield up
     up.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the session (see tests/support/redis.py for its faults)."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The session's redis-server, running and empty; restarted after a test that killed it."""
+    if not redis_server.alive():
+        redis_server.start()
+    redis_server.flush()
+    yield redis_server
+    if not redis_server.alive():
+        redis_server.start()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from gateway.config.units import Duration, Size
 
@@ -36,10 +36,60 @@ def _workers(value: object) -> int:
 Workers = Annotated[int, BeforeValidator(_workers)]
 
 
+def _as_text(value: object) -> object:
+    """YAML reads ``1.2`` and ``403`` as numbers; these keys take them as text."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+TLSVersionName = Annotated[Literal["1.2", "1.3"], BeforeValidator(_as_text)]
+
+
+class CertificateConfig(Strict):
+    cert: str = Field(min_length=1, description="PEM file: the certificate, then its chain")
+    key: str = Field(min_length=1, description="PEM file: the private key")
+    password: str | None = None
+    #: SNI names this certificate serves; default: its DNS subjectAltNames.
+    names: list[str] = []
+
+
+class ClientCertHeaders(Strict):
+    subject: str | None = "x-client-cert-subject"
+    sans: str | None = "x-client-cert-san"
+
+
+class ClientCertConfig(Strict):
+    mode: Literal["required", "optional"] = "required"
+    ca: str = Field(min_length=1, description="PEM bundle of the CAs that sign client certs")
+    on_failure: Annotated[Literal["handshake", "403"], BeforeValidator(_as_text)] = "handshake"
+    headers: ClientCertHeaders = ClientCertHeaders()
+
+
+class HstsConfig(Strict):
+    max_age: Duration = 31_536_000.0
+    include_subdomains: bool = False
+    preload: bool = False
+
+
+class ListenerTLSConfig(Strict):
+    certificates: list[CertificateConfig] = Field(min_length=1)
+    min_version: TLSVersionName = "1.2"
+    ciphers: str | None = None
+    session_tickets: bool = True
+    client_cert: ClientCertConfig | None = None
+    hsts: HstsConfig | None = None
+
+
+class RedirectHttpsConfig(Strict):
+    port: int = Field(default=443, ge=1, le=65535)
+    status: Literal[301, 308] = 301
+
+
 class ListenerConfig(Strict):
     name: str = Field(min_length=1)
     bind: str = Field(min_length=1, description="host:port, e.g. 0.0.0.0:8080 or [::1]:8080")
     backlog: int = Field(default=2048, ge=1, le=65535)
+    tls: ListenerTLSConfig | None = None
+    redirect_https: RedirectHttpsConfig | None = None
 
 
 class TargetConfig(Strict):
@@ -140,6 +190,16 @@ class CircuitBreakerConfig(Strict):
     max_pending: int | None = Field(default=None, ge=1)
 
 
+class UpstreamTLSConfig(Strict):
+    verify: bool = True
+    ca: str | None = None
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    password: str | None = None
+    min_version: TLSVersionName = "1.2"
+
+
 class UpstreamConfig(Strict):
     balancer: Literal["round_robin", "least_conn", "p2c_ewma", "consistent_hash", "random"] = (
         "round_robin"
@@ -156,6 +216,8 @@ class UpstreamConfig(Strict):
     slow_start: Duration | None = None
     retries: RetryConfig = RetryConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+    tls: UpstreamTLSConfig | None = None
 
 
 class MatchConfig(Strict):
@@ -205,9 +267,45 @@ class LogConfig(Strict):
     format: Literal["json", "text"] = "json"
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+
+
+class StateConfig(Strict):
+    """Where state shared between workers and nodes lives (rate limits, later budgets)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    #: redis://, rediss://, unix://, redis+sentinel://host:port[,host:port]/service[/db],
+    #: redis+cluster://host:port[,host:port]
+    url: str | None = None
+    on_error: Literal["local", "open", "closed"] = "local"
+    timeout: Duration = 0.05
+    #: nodes sharing the Redis limits, for on_error: local (null: counted through Redis)
+    nodes: int | None = Field(default=None, ge=1, le=10_000)
+    #: slots of the node's shared-memory table (memory backend, and the local fallback)
+    max_keys: int = Field(default=65536, ge=64, le=1 << 26)
+    key_prefix: str = Field(default="gw:", max_length=64)
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StateConfig:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("url: required when backend is redis")
+        scheme, _, rest = (self.url or "").partition("://")
+        if self.url and scheme.lower() not in _REDIS_SCHEMES:
+            raise ValueError(f"url: expected one of {', '.join(s + '://' for s in _REDIS_SCHEMES)}")
+        if scheme.lower() == "redis+sentinel" and not rest.partition("/")[2].strip("/"):
+            raise ValueError(
+                "url: a redis+sentinel URL names the service: redis+sentinel://h:p/name"
+            )
+        if self.backend == "memory" and self.url:
+            raise ValueError("url: only for backend: redis")
+        if self.timeout <= 0 or self.timeout > 10:
+            raise ValueError("timeout: must be between 0 and 10 seconds")
+        return self
+
+
 class AdminConfig(Strict):
     bind: str = Field(default="127.0.0.1:9901", min_length=1)
-    token: str | None = None
+    token: str | None = Field(default=None, min_length=1)  # "": a typo, not "no token"
 
 
 class AccessLogConfig(Strict):
@@ -235,3 +333,4 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
     log: LogConfig = LogConfig()
+    state: StateConfig = StateConfig()

@@ -8,7 +8,7 @@ run without creating a coroutine.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway.plugin import Plugin, Reply, implemented_hooks
@@ -61,11 +61,30 @@ class Chain:
         self.rewrites_body = any(type(p).rewrites_body for _, p, _ in body)
 
     # -- request phase ----------------------------------------------------------------------
-    def run_request(self, ex: Exchange) -> Reply | None:
-        """The request phase when every hook is sync."""
+    def run_request(self, ex: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        """The request phase when every hook is sync. When a sync hook returns an awaitable
+        (it needs I/O this time), the rest of the phase is returned as an awaitable too: the
+        caller runs it in a task."""
         for pos, plugin, fn, _ in self.request_hooks:
             try:
                 reply = fn(ex)
+            except Exception:
+                reply = _failed(plugin, ex, "on_request")
+            if reply is not None:
+                if not isinstance(reply, Reply):
+                    return self._resume(ex, pos, plugin, reply)
+                ex.plugins_ran = pos + 1
+                return reply
+        ex.plugins_ran = len(self.plugins)
+        return None
+
+    async def run_request_async(self, ex: Exchange, start: int = 0) -> Reply | None:
+        hooks = self.request_hooks[start:] if start else self.request_hooks
+        for pos, plugin, fn, is_async in hooks:
+            try:
+                reply = (await fn(ex)) if is_async else fn(ex)
+                if reply is not None and not isinstance(reply, Reply):
+                    reply = await reply  # a sync hook that needed I/O this time
             except Exception:
                 reply = _failed(plugin, ex, "on_request")
             if reply is not None:
@@ -74,17 +93,22 @@ class Chain:
         ex.plugins_ran = len(self.plugins)
         return None
 
-    async def run_request_async(self, ex: Exchange) -> Reply | None:
-        for pos, plugin, fn, is_async in self.request_hooks:
-            try:
-                reply = (await fn(ex)) if is_async else fn(ex)
-            except Exception:
-                reply = _failed(plugin, ex, "on_request")
-            if reply is not None:
-                ex.plugins_ran = pos + 1
-                return reply  # type: ignore[no-any-return]
-        ex.plugins_ran = len(self.plugins)
-        return None
+    async def _resume(
+        self, ex: Exchange, pos: int, plugin: Plugin, pending: Awaitable[Reply | None]
+    ) -> Reply | None:
+        """Finish a sync hook's awaitable, then the hooks after it."""
+        try:
+            reply = await pending
+        except Exception:
+            reply = _failed(plugin, ex, "on_request")
+        if reply is not None:
+            ex.plugins_ran = pos + 1
+            return reply
+        after = next(i for i, hook in enumerate(self.request_hooks) if hook[0] == pos) + 1
+        if after == len(self.request_hooks):
+            ex.plugins_ran = len(self.plugins)
+            return None
+        return await self.run_request_async(ex, after)
 
     # -- response phases --------------------------------------------------------------------
     def run_response(self, ex: Exchange) -> None:

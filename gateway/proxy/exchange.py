@@ -132,7 +132,9 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.done = False
         self.user: str | None = None
-        self.vars: dict[str, Any] | None = None
+        # A verified client certificate (gateway.tls) shows as tls.client_* variables.
+        client_cert = conn.tls_client
+        self.vars: dict[str, Any] | None = None if client_cert is None else client_cert.vars.copy()
         self.notes: dict[str, Any] | None = None
         self.t_start = _monotonic()  # the request's first byte (or the error replacing it)
         self.t_upstream = 0.0  # upstream request started (0.0: never)

@@ -49,6 +49,7 @@ _PLAIN_CONNECTION = frozenset(
 
 #: Response headers not copied: hop-by-hop ones, and those the gateway writes itself.
 _RESPONSE_SKIP = HOP_BY_HOP | {b"content-length", b"via"}
+_RESPONSE_SKIP_HSTS = _RESPONSE_SKIP | {b"strict-transport-security"}
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -74,12 +75,19 @@ class Forwarding:
         request_id_header: str,
         trace: bool = True,
         sample_ratio: float = 1.0,
+        identity_headers: Sequence[str] = (),
     ) -> None:
         self.trusted = tuple(trusted)
         self.via = f"1.1 {via}".encode("latin-1") if via else b""
         self.request_id_raw = request_id_header.encode("latin-1")
         self.request_id_header = self.request_id_raw.lower()
-        self.request_own = _REQUEST_OWN | {self.request_id_header}
+        # The client-certificate identity headers (gateway.tls) are the gateway's to write,
+        # on every listener: a client cannot send its own copy.
+        self.request_own = (
+            _REQUEST_OWN
+            | {self.request_id_header}
+            | {h.lower().encode("latin-1") for h in identity_headers}
+        )
         if trace:
             self.request_own |= {b"traceparent"}
         self.trace = trace
@@ -149,12 +157,13 @@ def request_head(
     host = (
         ex.host if (route is not None and route.preserve_host and ex.host) else target.host_header
     )
-    peer = ex.conn.peer_ip_bytes
+    conn = ex.conn
+    peer = conn.peer_ip_bytes
     if trusted_peer and xff:
         parts += (b"x-forwarded-for: ", b", ".join(xff), b", ", peer, b"\r\n")
     else:
         parts += (b"x-forwarded-for: ", peer, b"\r\n")
-    parts += (b"x-forwarded-proto: ", xfp if (trusted_peer and xfp) else ex.conn.scheme, b"\r\n")
+    parts += (b"x-forwarded-proto: ", xfp if (trusted_peer and xfp) else conn.scheme, b"\r\n")
     fwd_host = xfh if (trusted_peer and xfh) else ex.host
     if fwd_host:  # an HTTP/1.0 request may carry no Host at all
         parts += (b"x-forwarded-host: ", fwd_host, b"\r\n")
@@ -172,6 +181,9 @@ def request_head(
             ex.trace_id = trace_id.decode()
             ex.traceparent = ours
         parts += (b"traceparent: ", ours, b"\r\n")
+    client_cert = conn.tls_client
+    if client_cert is not None:
+        parts.append(client_cert.header_block)
     parts += (b"host: ", host, b"\r\n\r\n")
     return b"".join(parts)
 
@@ -204,8 +216,10 @@ def response_head(
     has_date = has_rid = False
     via = b""
     rid_name = fwd.request_id_header
+    hsts = ex.conn.hsts  # a TLS listener's own Strict-Transport-Security replaces any other
+    skip = _RESPONSE_SKIP_HSTS if hsts else _RESPONSE_SKIP
     for lname, raw, value in ex.response_headers.items:
-        if lname in _RESPONSE_SKIP:
+        if lname in skip:
             if lname == b"via":
                 via = value if not via else via + b", " + value
             continue
@@ -224,6 +238,8 @@ def response_head(
         parts.append(date)
     if not has_rid:
         parts += (fwd.request_id_raw, b": ", ex.request_id.encode("latin-1"), b"\r\n")
+    if hsts:
+        parts.append(hsts)
     if fwd.via:
         parts += (b"via: ", via + b", " + fwd.via if via else fwd.via, b"\r\n")
     if not ex.keep_alive:
@@ -246,7 +262,11 @@ async def connect(target: Target, timeout: float) -> UpstreamConnection:  # noqa
     try:
         async with asyncio.timeout(timeout):
             _, protocol = await loop.create_connection(
-                lambda: UpstreamConnection(target), target.host, target.port
+                lambda: UpstreamConnection(target),
+                target.host,
+                target.port,
+                ssl=target.ssl,
+                server_hostname=target.server_hostname,
             )
     except OSError:  # TimeoutError included
         passive_failure(target)

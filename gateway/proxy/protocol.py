@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -51,12 +52,14 @@ from gateway.plugin import Reply
 from gateway.proxy.chain import PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
+from gateway.tls import describe_ssl_error, is_handshake_failure, upstream_tls_failed
 from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 from gateway.upstream.retry import failover
 
 if TYPE_CHECKING:
-    from gateway.config.compile import Runtime
+    from gateway.config.compile import Listener, Runtime
     from gateway.server import ServerState
+    from gateway.tls import ClientCert, Gate
     from gateway.upstream.target import Target
 
 log = logging.getLogger("gateway.proxy")
@@ -123,10 +126,13 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "client_ip",
         "closed",
+        "gate",
         "held",
+        "hsts",
         "idle_since",
         "limits",
         "linger_until",
+        "listener",
         "parser",
         "parsing",
         "peer_ip",
@@ -136,20 +142,29 @@ class ClientConnection(asyncio.Protocol):
         "runtime",
         "scheme",
         "server",
+        "tls_client",
         "transport",
         "trusted_peer",
         "write_paused",
         "write_paused_since",
     )
 
-    def __init__(self, server: ServerState, scheme: bytes = b"http") -> None:
+    def __init__(self, server: ServerState, listener: Listener | None = None) -> None:
         self.server = server
         self.runtime: Runtime = server.runtime
         self.limits = self.runtime.limits
         self._max_header_bytes = self.limits.max_header_bytes
         self._max_header_count = self.limits.max_header_count
         self._rid_name = self.runtime.forwarding.request_id_header
-        self.scheme = scheme
+        # The listener's TLS behaviour (gateway.tls): scheme for X-Forwarded-Proto, the HSTS
+        # header line, the verified client certificate, and the gate: when set, every request
+        # is answered by it (an https redirect, a 403 for a missing client certificate).
+        self.listener = listener
+        tls = listener is not None and listener.ssl is not None
+        self.scheme = b"https" if tls else b"http"
+        self.hsts = listener.hsts if listener is not None else b""
+        self.gate: Gate | None = listener.redirect if listener is not None else None
+        self.tls_client: ClientCert | None = None
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
@@ -196,6 +211,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip_bytes = self.peer_ip.encode("latin-1")
         self.client_ip = self.peer_ip
         self.trusted_peer = self.runtime.forwarding.is_trusted(self.peer_ip)
+        listener = self.listener
+        if listener is not None and listener.tls is not None:
+            listener.tls.accept(self, transport)
         server.connections.add(self)
         if len(server.connections) > self.limits.max_connections:
             ex = Exchange(self)
@@ -506,6 +524,10 @@ class ClientConnection(asyncio.Protocol):
         if ex.pending_error:
             self.send_reply(ex, Reply.error(ex.pending_error))
             return
+        gate = self.gate
+        if gate is not None:
+            self.send_reply(ex, gate(ex))
+            return
         route = ex.route
         if route is None:
             self.send_reply(ex, Reply.error("no_route"))
@@ -520,15 +542,23 @@ class ClientConnection(asyncio.Protocol):
                 return
             reply = chain.run_request(ex)
             if reply is not None:
-                self.send_reply(ex, reply)
+                if isinstance(reply, Reply):
+                    self.send_reply(ex, reply)
+                else:  # a sync hook needs I/O this time: the rest of the phase in a task
+                    ex.plugins_since = self.server.now
+                    ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex, reply))
                 return
         else:
             ex.plugins_ran = len(chain.plugins)
         self._forward(ex)
 
-    async def _run_plugins(self, ex: Exchange) -> None:
+    async def _run_plugins(
+        self, ex: Exchange, pending: Awaitable[Reply | None] | None = None
+    ) -> None:
         assert ex.route is not None
-        reply = await ex.route.chain.run_request_async(ex)
+        if pending is None:
+            pending = ex.route.chain.run_request_async(ex)
+        reply = await pending
         ex.task = None
         if ex.done or self.closed:
             return
@@ -597,10 +627,24 @@ class ClientConnection(asyncio.Protocol):
         except TimeoutError:
             code = "upstream_connect_timeout"
         except OSError as exc:
-            log.warning(
-                "connect to %s failed: %s", target.label, exc, extra={"request_id": ex.request_id}
-            )
-            code = "upstream_connect_failed"
+            if target.ssl is not None and is_handshake_failure(exc):
+                code = "upstream_tls_failed"
+                upstream_tls_failed(target.label)
+                log.warning(
+                    "TLS handshake with %s (%s) failed: %s",
+                    target.label,
+                    target.server_hostname,
+                    describe_ssl_error(exc),
+                    extra={"request_id": ex.request_id},
+                )
+            else:
+                code = "upstream_connect_failed"
+                log.warning(
+                    "connect to %s failed: %s",
+                    target.label,
+                    exc,
+                    extra={"request_id": ex.request_id},
+                )
         ex.task = None
         if code:
             if not ex.done and not self.closed:

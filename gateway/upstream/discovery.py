@@ -36,6 +36,7 @@ class TargetSpec:
     port: int
     weight: int
     builtin: str = ""
+    https: bool = False
 
     @property
     def literal(self) -> bool:

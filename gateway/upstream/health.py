@@ -213,10 +213,18 @@ def _name(t: Target) -> str:
 # -- active checks -------------------------------------------------------------------------
 async def probe(t: Target, check: ActiveCheck) -> bool:
     """One health check: True when the target answered an expected status in time."""
-    host = f"[{t.host}]" if ":" in t.host else t.host
-    url = f"http://{host}:{t.port}{check.path}"
+    if t.ssl is not None:
+        # https: by the name the certificate is checked against (SNI), which resolves to the
+        # service (maybe another of its addresses): the control client verifies by URL host.
+        host = t.server_hostname or t.host
+        url = f"https://{host}:{t.port}{check.path}"
+    else:
+        host = f"[{t.host}]" if ":" in t.host else t.host
+        url = f"http://{host}:{t.port}{check.path}"
     try:
-        resp = await control.request("GET", url, timeout=check.timeout, max_body=CHECK_MAX_BODY)
+        resp = await control.request(
+            "GET", url, timeout=check.timeout, ssl_context=t.ssl, max_body=CHECK_MAX_BODY
+        )
     except OSError as exc:  # ControlError included
         log.debug("health check of %s failed: %s", t.label, exc)
         return False

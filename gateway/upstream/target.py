@@ -27,6 +27,8 @@ from gateway.upstream.health import check_loop, passive_failure
 from gateway.upstream.pool import Pool
 
 if TYPE_CHECKING:
+    import ssl
+
     from gateway.proxy.exchange import Exchange
     from gateway.upstream.health import HealthPolicy
     from gateway.upstream.retry import RetryPolicy
@@ -69,7 +71,9 @@ class Target:
         "limit",
         "pool",
         "port",
+        "server_hostname",
         "spec_index",
+        "ssl",
         "track_latency",
         "up_since",
         "upstream",
@@ -121,6 +125,10 @@ class Target:
         self.eject_timer: asyncio.TimerHandle | None = None
         self.up_since = 0.0  # when it last became available (slow start)
         self.upstream: Upstream | None = None
+        # https targets (set by the compiler): the client context, and the name sent as SNI
+        # and checked against the certificate. Both None for plain http.
+        self.ssl: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
 
     def set_address(self, host: str, port: int) -> None:
         self.host = host

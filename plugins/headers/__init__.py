@@ -63,26 +63,28 @@ class HeadersConfig(PluginConfig):
 
 
 class _Edits:
-    """Header edits compiled to lower-case bytes once."""
+    """Header edits compiled once: the names to drop (lower-case bytes) and the header
+    triples to append, so applying them allocates one list at most."""
 
-    __slots__ = ("add", "drop", "set")
+    __slots__ = ("append", "drop")
 
     def __init__(self, edits: HeaderEdits) -> None:
-        self.set = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.set.items())
-        self.add = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.add.items())
+        pairs = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.set.items()]
+        pairs += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.add.items()]
+        self.append = tuple((n.lower(), n, v) for n, v in pairs)
         self.drop = frozenset(n.lower().encode("latin-1") for n in edits.remove) | frozenset(
-            n.lower() for n, _ in self.set
+            n.lower().encode("latin-1") for n in edits.set
         )
 
     def apply(self, headers: Headers) -> None:
         drop = self.drop
-        items = [h for h in headers.items if h[0] not in drop] if drop else headers.items
-        items.extend((n.lower(), n, v) for n, v in self.set)
-        items.extend((n.lower(), n, v) for n, v in self.add)
-        headers.items = items
+        if drop:
+            headers.items = [h for h in headers.items if h[0] not in drop]
+        headers.items.extend(self.append)
 
-    def __bool__(self) -> bool:
-        return bool(self.set or self.add or self.drop)
+    @property
+    def empty(self) -> bool:
+        return not (self.append or self.drop)
 
 
 class HeadersPlugin(Plugin):
@@ -92,13 +94,16 @@ class HeadersPlugin(Plugin):
     def __init__(self, config: PluginConfig) -> None:
         assert isinstance(config, HeadersConfig)
         super().__init__(config)
-        self.request_edits = _Edits(config.request)
-        self.response_edits = _Edits(config.response)
+        request, response = _Edits(config.request), _Edits(config.response)
+        self.request_edits = None if request.empty else request
+        self.response_edits = None if response.empty else response
 
     def on_request(self, ex: Exchange) -> None:
-        if self.request_edits:
-            self.request_edits.apply(ex.headers)
+        edits = self.request_edits
+        if edits is not None:
+            edits.apply(ex.headers)
 
     def on_response(self, ex: Exchange) -> None:
-        if self.response_edits:
-            self.response_edits.apply(ex.response_headers)
+        edits = self.response_edits
+        if edits is not None:
+            edits.apply(ex.response_headers)

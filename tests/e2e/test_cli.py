@@ -78,7 +78,7 @@ def test_check_bad_file_lists_every_error_with_path_and_line(tmp_path: Path) -> 
 def test_check_reports_schema_and_plugin_errors_together(tmp_path: Path) -> None:
     text = """\
 listeners:
-  - {name: public, bind: "127.0.0.1:18080", tls: {}}
+  - {name: public, bind: "127.0.0.1:18080", tsl: {}}
 routes:
   - name: r
     upstream: u
@@ -89,7 +89,7 @@ routes:
     result = run_cli("check", "-c", str(path))
     assert result.returncode == 2
     lines = result.stderr.splitlines()
-    assert f"{path}: listeners[0].tls: unknown key (line 2)" in lines
+    assert f"{path}: listeners[0].tsl: unknown key (line 2)" in lines
     assert (
         f"{path}: routes[0].plugins[0].cors: allow_credentials cannot be combined with '*' "
         "in allow_origins: list the trusted origins (line 7)"

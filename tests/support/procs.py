@@ -61,18 +61,28 @@ def _env() -> dict[str, str]:
 
 class UpstreamProcess:
     """``tests.support.upstream_server`` in its own process: on ``port`` (a free one by
-    default; pass a stopped one's to restart it), answering after ``delay`` seconds."""
+    default; pass a stopped one's to restart it), answering after ``delay`` seconds. With
+    ``tls`` (``cert``, ``key`` and optionally ``client_ca`` file paths) it also serves https on
+    ``tls_port``; the recording endpoints stay on the plain ``port``."""
 
-    def __init__(self, port: int | None = None, delay: float = 0.0) -> None:
+    def __init__(
+        self, port: int | None = None, delay: float = 0.0, tls: dict[str, str] | None = None
+    ) -> None:
         self.port = port or free_port()
+        args = [sys.executable, "-m", "tests.support.upstream_server", str(self.port)]
+        if delay:
+            args += ["--delay", str(delay)]
+        self.tls_port = 0
+        if tls is not None:
+            self.tls_port = free_port()
+            args += ["--tls-port", str(self.tls_port)]
+            args += [a for k, v in tls.items() for a in (f"--{k.replace('_', '-')}", v)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.upstream_server", str(self.port), str(delay)],
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port, self.proc)
+        if self.tls_port:
+            wait_for_port(self.tls_port, self.proc)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def received(self) -> list[dict[str, Any]]:
@@ -166,14 +176,23 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway did not start:\n{self.logs()}") from None
 
     def wait_started(self, timeout: float = 30.0) -> None:
-        """Until the supervisor logs ``started`` (every worker ready)."""
+        """Until every worker is ready: the admin ``/readyz`` answers 200 (or, for a config
+        without the admin API, the supervisor logs ``started``)."""
         deadline = time.monotonic() + timeout
+        admin = f"127.0.0.1:{self.admin_port}" in self.config_path.read_text()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}")
-            text = self.logs()
-            if '"msg":"started"' in text or "gateway.supervisor: started " in text:
-                return
+            if admin:
+                try:
+                    if self.admin("GET", "/readyz", timeout=1.0).status == 200:
+                        return
+                except OSError:
+                    pass
+            else:
+                text = self.logs()
+                if '"msg":"started"' in text or "gateway.supervisor: started " in text:
+                    return
             time.sleep(0.05)
         raise TimeoutError("the gateway did not report started")
 

@@ -1,11 +1,13 @@
 """A real upstream for tests: an asyncio server speaking HTTP/1.1 through h11 (the reference
-parser), with misbehaviours on demand. Run as ``python -m tests.support.upstream_server PORT``.
+parser), with misbehaviours on demand. Run as ``python -m tests.support.upstream_server PORT``;
+``--tls-port N --cert C --key K [--client-ca CA]`` also serves the same over TLS on port N
+(requiring a client certificate signed by CA when given; its subject is recorded).
 
 Every request it receives is recorded; ``GET /__received`` returns them as JSON and
 ``POST /__reset`` clears them (these two are meant to be called directly, not through the
 gateway). ``/__health`` answers the status last set with ``/__health/set/NNN`` (200 at
 first): a health-check endpoint a test can fail and restore; after ``/__fail/set/NNN``
-every request is answered with status NNN (0: normally again). An optional second argument is
+every request is answered with status NNN (0: normally again). ``--delay SECONDS`` is
 a delay in seconds before every other response (a slow target). Paths (query parameters in
 brackets):
 
@@ -26,14 +28,17 @@ brackets):
 /stall-mid                  head and part of the body, then nothing
 /bad                        bytes that are not HTTP
 /head-length                for HEAD: Content-Length 1234 and no body
+/hsts                       200 with its own Strict-Transport-Security header
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
 import socket
+import ssl
 import struct
 import sys
 from typing import Any
@@ -108,6 +113,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 "body_sha256": digest.hexdigest(),
                 "body": kept.decode("latin-1"),
             }
+            peercert = writer.get_extra_info("peercert")
+            if peercert:
+                record["tls_client_subject"] = peercert.get("subject")
             parts = urlsplit(target)
             if not parts.path.startswith("/__"):
                 RECEIVED.append(record)
@@ -297,6 +305,13 @@ async def respond(
         await writer.drain()
         writer.close()
         return False
+    if path == "/hsts":
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
+            b"strict-transport-security: max-age=1\r\n\r\nok"
+        )
+        await writer.drain()
+        return True
     if path == "/head-length":
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\ncontent-type: text/plain\r\n\r\n")
         if not head:
@@ -329,16 +344,36 @@ async def _simple(
     await writer.drain()
 
 
-async def main(port: int) -> None:
+async def main(port: int, tls_port: int = 0, tls: ssl.SSLContext | None = None) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", port, limit=1024 * 1024)
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
+    if tls is not None:
+        await asyncio.start_server(handle, "127.0.0.1", tls_port, limit=1024 * 1024, ssl=tls)
     async with server:
         await server.serve_forever()
 
 
+def _tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 if __name__ == "__main__":
-    DELAY["seconds"] = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    args = argparse.ArgumentParser()
+    args.add_argument("port", type=int, nargs="?", default=0)
+    args.add_argument("--tls-port", type=int, default=0)
+    args.add_argument("--cert")
+    args.add_argument("--key")
+    args.add_argument("--client-ca")
+    args.add_argument("--delay", type=float, default=0.0)
+    a = args.parse_args(sys.argv[1:])
+    DELAY["seconds"] = a.delay
+    context = _tls_context(a.cert, a.key, a.client_ca) if a.cert else None
     try:
-        asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+        asyncio.run(main(a.port, a.tls_port, context))
     except KeyboardInterrupt:
         pass

@@ -27,20 +27,15 @@ from gateway.upstream.health import HealthPolicy, Outlier
 from gateway.upstream.pool import Pool
 from gateway.upstream.retry import RetryBudget
 from gateway.upstream.target import EWMA_DECAY, EWMA_INITIAL, Target, Upstream, UpstreamTimeouts
-
-
-class _Conn:
-    """What an Exchange needs of its client connection here."""
-
-    client_ip = "192.0.2.1"
+from tests.support.exchange import make_exchange
 
 
 def exchange(client_ip: str = "192.0.2.1", path: bytes = b"/", **headers: str) -> Exchange:
-    ex = Exchange(_Conn())  # type: ignore[arg-type]
-    ex.client_ip = client_ip
+    ex = make_exchange(
+        [(n.replace("_", "-").encode(), v.encode()) for n, v in headers.items()],
+        client_ip=client_ip,
+    )
     ex.path = path
-    for name, value in headers.items():
-        ex.headers.add(name.replace("_", "-").encode(), value.encode())
     return ex
 
 

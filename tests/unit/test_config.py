@@ -271,7 +271,7 @@ routes:
 """
     )
     assert errors(text) == [
-        f"routes[0].plugins[0].jwtt: unknown plugin (known: cors, headers) "
+        f"routes[0].plugins[0].jwtt: unknown plugin (known: cors, headers, jwt, rate_limit) "
         f"(line {line(text, 'jwtt')})",
         "routes[0].plugins[1]: a plugin entry is a mapping of one plugin name to its config "
         f"(line {line(text, '{headers')})",
@@ -638,16 +638,12 @@ def test_bad_forwarding_names() -> None:
     ("url", "message"),
     [
         (
-            "https://api.example.com",
-            "expected http://host:port (https upstreams are not supported yet) or builtin:echo",
-        ),
-        (
             "ftp://x",
-            "expected http://host:port (https upstreams are not supported yet) or builtin:echo",
+            "expected http://host[:port], https://host[:port] or builtin:echo",
         ),
         (
             "10.0.0.1:80",
-            "expected http://host:port (https upstreams are not supported yet) or builtin:echo",
+            "expected http://host[:port], https://host[:port] or builtin:echo",
         ),
         ("http://api.example.com/v1", "a target is http://host[:port] with no path"),
         ("http://api.example.com?x=1", "a target is http://host[:port] with no path"),
@@ -670,12 +666,12 @@ def test_bad_target_url(url: str, message: str) -> None:
 def test_route_to_an_upstream_with_only_bad_targets_reports_the_target_only() -> None:
     text = (
         "listeners: [{name: a, bind: '127.0.0.1:1'}]\n"
-        "upstreams: {u: {targets: [{url: 'https://x'}]}}\n"
+        "upstreams: {u: {targets: [{url: 'ftp://x'}]}}\n"
         "routes: [{name: r, upstream: u}]\n"
     )
     assert errors(text) == [
-        "upstreams.u.targets[0].url: expected http://host:port (https upstreams are not "
-        "supported yet) or builtin:echo (line 2)"
+        "upstreams.u.targets[0].url: expected http://host[:port], https://host[:port] or "
+        "builtin:echo (line 2)"
     ]
 
 
@@ -704,7 +700,7 @@ def test_compile_reports_every_cross_reference_error_at_once() -> None:
 listeners: [{name: a, bind: "127.0.0.1:8080"}]
 upstreams:
   good: {targets: [{url: "http://127.0.0.1:9000"}]}
-  bad: {targets: [{url: "https://x"}]}
+  bad: {targets: [{url: "ftp://x"}]}
 routes:
   - {name: r1, upstream: missing}
   - {name: r1, upstream: good, match: {path_regex: "(["}}
@@ -712,8 +708,8 @@ routes:
 forwarding: {trusted_proxies: [bogus]}
 """
     assert errors(text) == [
-        "upstreams.bad.targets[0].url: expected http://host:port (https upstreams are not "
-        "supported yet) or builtin:echo (line 4)",
+        "upstreams.bad.targets[0].url: expected http://host[:port], https://host[:port] or "
+        "builtin:echo (line 4)",
         "forwarding.trusted_proxies[0]: invalid address or CIDR 'bogus' (line 9)",
         "routes[0].upstream: unknown upstream 'missing' (known: bad, good) (line 6)",
         "routes[1].name: duplicate route name 'r1' (line 7)",
@@ -748,7 +744,8 @@ limits: {header_timeout: 5x, max_body_size: 10q}
             "routes[0].plugins[0].headers.request.sett: unknown key (line 9)",
             "routes[0].plugins[1].cors: allow_credentials cannot be combined with '*' in "
             "allow_origins: list the trusted origins (line 10)",
-            "routes[0].plugins[2].nope: unknown plugin (known: cors, headers) (line 11)",
+            "routes[0].plugins[2].nope: unknown plugin (known: cors, headers, jwt, rate_limit) "
+            "(line 11)",
         ]
     )
 
@@ -791,6 +788,7 @@ def test_operations_keys_are_validated() -> None:
         ("tracing: {sample_ratio: 2}\n", "tracing.sample_ratio"),
         ("access_log: {path: x, rotate: daily}\n", "access_log.rotate"),
         ("drain_timeout: soon\n", "drain_timeout"),
+        ('admin: {token: ""}\n', "admin.token"),  # an empty ${ADMIN_TOKEN}: not "no token"
     ]:
         with pytest.raises((ConfigError, CompileError)) as info:
             load(base + text)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib.metadata import EntryPoint
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,10 +24,11 @@ from gateway.plugin import (
 )
 from gateway.proxy.chain import Chain, PluginFailure
 from gateway.proxy.exchange import Exchange
+from tests.support.exchange import make_exchange
 
 
 def exchange() -> Exchange:
-    ex = Exchange(SimpleNamespace(client_ip="192.0.2.1"))  # type: ignore[arg-type]
+    ex = make_exchange(route=None)
     ex.request_id = "rid-1"
     ex.set_var("trace", [])
     return ex
@@ -281,6 +281,63 @@ async def test_async_chain_runs_sync_and_async_hooks_in_order() -> None:
     assert reply is not None and reply.status == 202
     assert ex2.plugins_ran == 2
     assert trace(ex2) == ["a.request", "b.request"]
+
+
+class SometimesAsync(Tracer):
+    """A sync hook that returns an awaitable when it needs I/O (``label`` ending in "?")."""
+
+    name = "sometimes_async"
+
+    def on_request(self, ex: Exchange) -> Any:
+        assert isinstance(self.config, LabelConfig)
+        if not self.config.label.endswith("?"):
+            return super().on_request(ex)
+
+        async def later() -> Reply | None:
+            await asyncio.sleep(0)
+            if self.config.fail == "later":  # type: ignore[attr-defined]
+                raise RuntimeError("failed while waiting")
+            return super(SometimesAsync, self).on_request(ex)
+
+        return later()
+
+
+async def test_sync_hook_returning_an_awaitable_continues_the_chain_in_order() -> None:
+    chain = Chain([tracer("a"), tracer("b?", SometimesAsync), tracer("c"), tracer("d")])
+    assert not chain.has_async_request
+    ex = exchange()
+    pending = chain.run_request(ex)
+    assert pending is not None and not isinstance(pending, Reply)
+    assert trace(ex) == ["a.request"]  # the rest waits for the awaitable
+    assert await pending is None  # type: ignore[misc]
+    assert trace(ex) == ["a.request", "b?.request", "c.request", "d.request"]
+    assert ex.plugins_ran == 4
+    # its Reply short-circuits; an awaitable from the last hook ends the phase
+    short = Chain([tracer("a"), tracer("b?", SometimesAsync, reply=401), tracer("c")])
+    ex2 = exchange()
+    reply = await short.run_request(ex2)  # type: ignore[misc]
+    assert reply.status == 401 and ex2.plugins_ran == 2
+    last = Chain([tracer("a"), tracer("b?", SometimesAsync)])
+    ex3 = exchange()
+    assert await last.run_request(ex3) is None  # type: ignore[misc]
+    assert ex3.plugins_ran == 2
+    # the async chain awaits it too
+    mixed = Chain(
+        [tracer("a"), tracer("b?", SometimesAsync), tracer("c", AsyncTracer), tracer("d")]
+    )
+    ex4 = exchange()
+    assert await mixed.run_request_async(ex4) is None
+    assert trace(ex4) == ["a.request", "b?.request", "c.request", "d.request"]
+
+
+async def test_sync_hook_awaitable_failure_follows_failure_mode() -> None:
+    failing = tracer("b?", SometimesAsync, fail="later")
+    reply = await Chain([failing, tracer("c")]).run_request(exchange())  # type: ignore[misc]
+    assert reply.code == "plugin_error" and failing.errors == 1
+    opened = tracer("b?", SometimesAsync, fail="later", failure_mode="open")
+    ex = exchange()
+    assert await Chain([opened, tracer("c")]).run_request(ex) is None  # type: ignore[misc]
+    assert trace(ex) == ["c.request"]
 
 
 def test_exception_fail_closed_is_a_500_and_counted(caplog: pytest.LogCaptureFixture) -> None:

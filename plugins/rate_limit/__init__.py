@@ -1,0 +1,350 @@
+"""``rate_limit``: token buckets per caller, exact per node (``memory``) or per cluster (``redis``).
+
+```yaml
+- rate_limit: {key: ip, rate: 100/s, burst: 200}
+- rate_limit:
+    key: [jwt:sub, header:x-tenant]      # a composite key
+    limits:                              # all must admit the request
+      - {name: burst, rate: 10/s, burst: 20}
+      - {name: hourly, rate: 1000/h}
+    cost: 1
+    missing_key: shared                  # shared | reject (403)
+    headers: draft                       # draft | legacy | both | none
+```
+The backend is the top-level ``state:`` section (see docs/rate-limiting.md). A refused request
+gets 429 ``rate_limited`` with ``Retry-After``; responses carry ``RateLimit-Policy`` and
+``RateLimit`` (draft-ietf-httpapi-ratelimit-headers), added by ``on_response``, which also runs
+for the plugin's own 429.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway import metrics
+from gateway import state as state_mod
+from gateway.config.model import StateConfig
+from gateway.plugin import Plugin, PluginConfig, Reply
+from gateway.proxy.exchange import Exchange
+from gateway.state import CLOSED, LOCAL, OK, Buckets, StateBackend, Verdict
+from gateway.state.gcra import TICKS_PER_SECOND, Limit, parse_rate, reset_after, retry_after
+from gateway.state.memory import LocalBuckets
+from plugins.rate_limit.keys import compile_key
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/+-]{1,64}$")
+
+_decisions = metrics.counter(
+    "ratelimit_decisions_total",
+    "Rate-limit decisions: allowed, limited, allowed_local, limited_local (Redis down, "
+    "per-node fallback), open (Redis down, admitted unchecked), unavailable (Redis down, 503), "
+    "missing_key (rejected)",
+    ("route", "decision"),
+)
+DECISIONS = (
+    "allowed",
+    "limited",
+    "allowed_local",
+    "limited_local",
+    "open",
+    "unavailable",
+    "missing_key",
+)
+_ALLOWED, _LIMITED, _ALLOWED_LOCAL, _LIMITED_LOCAL, _OPEN, _UNAVAILABLE, _MISSING = range(7)
+
+
+class LimitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: str
+    burst: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    name: str | None = None
+
+
+class RateLimitConfig(PluginConfig):
+    key: str | list[str] = "ip"
+    rate: str | None = None
+    burst: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    limits: list[LimitConfig] = []
+    cost: int = Field(default=1, ge=1, le=1_000_000)
+    #: the policy name of the ``rate``/``burst`` shorthand, in the RateLimit headers
+    name: str = "default"
+    #: ``route``: each route has its own buckets (a global plugin too); ``global``: shared
+    scope: Literal["route", "global"] = "route"
+    missing_key: Literal["shared", "reject"] = "shared"
+    headers: Literal["draft", "legacy", "both", "none"] = "draft"
+    #: ``state``: the top-level ``state:`` backend; ``memory``: this node's shared-memory table
+    #: even when the state backend is Redis (a per-node limit, no network round trip)
+    backend: Literal["state", "memory"] = "state"
+
+    @model_validator(mode="after")
+    def _check(self) -> RateLimitConfig:
+        if (self.rate is None) == (not self.limits):
+            raise ValueError("give either rate (with optional burst) or limits, not both")
+        if self.rate is None and self.burst is not None:
+            raise ValueError("burst: goes with rate (or inside each of limits)")
+        compile_key(self.key)  # raises ValueError with the spec at fault
+        names = set()
+        for item in self.items():
+            count, period = parse_rate(item.rate)
+            if count / period > TICKS_PER_SECOND:
+                raise ValueError(f"rate {item.rate!r}: above one million per second")
+            name = item.name or item.rate
+            if not _NAME_RE.match(name):
+                raise ValueError(f"limit name {name!r}: use letters, digits and _.:/+- only")
+            if name in names:
+                raise ValueError(f"limit name {name!r} is used twice")
+            names.add(name)
+            if self.cost > (item.burst or count):
+                raise ValueError(
+                    f"cost {self.cost} exceeds the burst of {name!r}: no request could pass"
+                )
+        return self
+
+    def items(self) -> list[LimitConfig]:
+        if self.rate is not None:
+            return [LimitConfig(rate=self.rate, burst=self.burst, name=self.name)]
+        return list(self.limits)
+
+
+def build_limits(config: RateLimitConfig) -> tuple[Limit, ...]:
+    out = []
+    for item in config.items():
+        count, period = parse_rate(item.rate)
+        out.append(Limit(count, period, item.burst or count, item.name or item.rate))
+    return tuple(out)
+
+
+def _state_config(config: PluginConfig) -> StateConfig:
+    current = state_mod.current_config()
+    if getattr(config, "backend", "state") == "memory" and current.backend != "memory":
+        return StateConfig(max_keys=current.max_keys)
+    return current
+
+
+def _ceil_seconds(ticks: int) -> int:
+    return -(-ticks // TICKS_PER_SECOND)
+
+
+class RateLimitPlugin(Plugin):
+    """The rate limiter. Constructing it yields the sync (memory backend) or the async
+    (redis) variant, so that with ``memory`` the request hook allocates no coroutine."""
+
+    name = "rate_limit"
+    Config = RateLimitConfig
+
+    def __new__(cls, config: PluginConfig) -> RateLimitPlugin:
+        if cls is RateLimitPlugin:
+            backend = _state_config(config).backend
+            cls = MemoryRateLimitPlugin if backend == "memory" else RedisRateLimitPlugin
+        return super().__new__(cls)
+
+    def __init__(self, config: PluginConfig) -> None:
+        assert isinstance(config, RateLimitConfig)
+        super().__init__(config)
+        self.state_config: StateConfig = _state_config(config)
+        self.backend: StateBackend = state_mod.backend_for(self.state_config)
+        self.buckets: Buckets | None = None
+        self.limits = build_limits(config)
+        self.cost = config.cost
+        self.extract, self.key_what = compile_key(config.key)
+        self.reject_missing = config.missing_key == "reject"
+        self.global_scope = config.scope == "global"
+        self._var = f"ratelimit.{id(self)}"
+        self._started = False
+        mode = config.headers
+        self.draft_headers = mode in ("draft", "both")
+        self.legacy_headers = mode in ("legacy", "both")
+        # RateLimit-Policy is static: q is the quota per window, w the window in seconds.
+        self.policy_header = b", ".join(
+            b'"%s";q=%d;w=%d' % (lim.name.encode(), lim.count, max(1, round(lim.period)))
+            for lim in self.limits
+        )
+        self._policy_item = (b"ratelimit-policy", b"RateLimit-Policy", self.policy_header)
+        self._item_prefix = tuple(b'"%s";r=' % lim.name.encode() for lim in self.limits)
+        self._item_fmt = self._item_prefix[0] + b"%d;t=%d"
+        self._single = len(self.limits) == 1
+        self._children: dict[str, tuple[Any, ...]] = {}
+        self._scopes: dict[str, str] = {}
+        #: the bucket-key prefix when it does not depend on the request's route
+        self._scope: str | None = "*|" if self.global_scope else None
+        self._allowed_child: Any = None
+        self.missing_reply_message = f"the rate limit key ({self.key_what}) is missing"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.backend = await state_mod.acquire(self.state_config)
+        self._started = True
+        self.buckets = self.backend.buckets(self.limits)
+        if self.route_name is not None:  # a route's own plugin: bind per-route things now
+            if not self.global_scope:
+                self._scope = self.route_name + "|"
+            self._allowed_child = self._bind(self.route_name)[_ALLOWED]
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            self.buckets = None
+            await state_mod.release(self.state_config)
+
+    def status(self) -> dict[str, Any]:
+        out = self.backend.status()
+        out["limits"] = [
+            {"name": lim.name, "count": lim.count, "period_s": lim.period, "burst": lim.burst}
+            for lim in self.limits
+        ]
+        out["key"] = self.key_what
+        out["ready"] = True
+        return out
+
+    # -- per request ------------------------------------------------------------------------------
+    def _bind(self, route: str) -> tuple[Any, ...]:
+        children = tuple(_decisions.labels(route, d) for d in DECISIONS)
+        self._children[route] = children
+        return children
+
+    def _key(self, ex: Exchange) -> str | None:
+        """The bucket key, or None when the key is missing and must be rejected."""
+        value = self.extract(ex)
+        if value is None:
+            if self.reject_missing:
+                return None
+            value = "\x00missing"
+        scope = self._scope
+        if scope is None:  # a global plugin with per-route buckets
+            route = ex.route.name if ex.route is not None else ""
+            scope = self._scopes.get(route)
+            if scope is None:
+                scope = self._scopes[route] = route + "|"
+        return scope + value
+
+    def _missing(self, ex: Exchange) -> Reply:
+        self._count(ex, _MISSING)
+        ex.note("ratelimit", "missing_key")
+        return Reply.error("forbidden", self.missing_reply_message)
+
+    def _count(self, ex: Exchange, decision: int) -> None:
+        route = ex.route.name if ex.route is not None else ""
+        (self._children.get(route) or self._bind(route))[decision].inc()
+
+    def _decide(self, ex: Exchange, verdict: Verdict) -> Reply | None:
+        """Everything but the plain "allowed by the backend" case."""
+        ex.set_var(self._var, verdict)
+        mode = verdict.mode
+        if verdict.allowed:
+            if mode == OK:
+                self._count(ex, _ALLOWED)
+            elif mode == LOCAL:
+                self._count(ex, _ALLOWED_LOCAL)
+                ex.note("ratelimit", "allowed_local")
+            else:
+                self._count(ex, _OPEN)
+                ex.note("ratelimit", "open")
+            return None
+        if mode == CLOSED:
+            self._count(ex, _UNAVAILABLE)
+            ex.note("ratelimit", "unavailable")
+            return Reply.error("rate_limit_unavailable")
+        if mode == LOCAL:
+            self._count(ex, _LIMITED_LOCAL)
+            ex.note("ratelimit", "limited_local")
+        else:
+            self._count(ex, _LIMITED)
+            ex.note("ratelimit", "limited")
+        return self._limited(retry_after(verdict.waits, self.cost, verdict.limits))
+
+    def _limited(self, wait: int) -> Reply:
+        seconds = max(1, _ceil_seconds(wait))
+        return Reply.error("rate_limited", headers=((b"retry-after", b"%d" % seconds),))
+
+    def on_response(self, ex: Exchange) -> None:
+        found = ex.var(self._var)
+        if found is None:
+            return  # no check made (the key was missing and the request rejected)
+        items = ex.response_headers.items
+        if found.__class__ is int:  # the single-limit memory fast path stored the wait
+            lim = self.limits[0]
+            wait: int = found
+            left = (lim.tolerance - wait) // lim.interval
+            if left > 0:
+                reset = wait
+            else:
+                left = 0
+                reset = wait + lim.interval - lim.tolerance
+            seconds = -(-reset // TICKS_PER_SECOND) if reset > 0 else 0
+            if self.draft_headers:
+                items.append(self._policy_item)
+                items.append((b"ratelimit", b"RateLimit", self._item_fmt % (left, seconds)))
+            if self.legacy_headers:
+                self._legacy(items, lim, left, seconds)
+            return
+        verdict: Verdict = found
+        if not verdict.waits:
+            return  # Redis down in open/closed mode: nothing known to report
+        limits = verdict.limits
+        waits = verdict.waits
+        if self.draft_headers:
+            items.append(self._policy_item)
+            parts = [
+                b"%s%d;t=%d" % (prefix, lim.remaining(wait), _ceil_seconds(reset_after(wait, lim)))
+                for prefix, lim, wait in zip(self._item_prefix, limits, waits, strict=True)
+            ]
+            items.append((b"ratelimit", b"RateLimit", b", ".join(parts)))
+        if self.legacy_headers:
+            # The most restrictive limit: fewest requests left.
+            best = min(range(len(limits)), key=lambda i: limits[i].remaining(waits[i]))
+            lim, wait = limits[best], waits[best]
+            self._legacy(items, lim, lim.remaining(wait), _ceil_seconds(reset_after(wait, lim)))
+
+    @staticmethod
+    def _legacy(items: list[tuple[bytes, bytes, bytes]], lim: Limit, left: int, t: int) -> None:
+        items.append((b"x-ratelimit-limit", b"X-RateLimit-Limit", b"%d" % lim.count))
+        items.append((b"x-ratelimit-remaining", b"X-RateLimit-Remaining", b"%d" % left))
+        items.append((b"x-ratelimit-reset", b"X-RateLimit-Reset", b"%d" % t))
+
+
+class MemoryRateLimitPlugin(RateLimitPlugin):
+    """``memory`` backend: the check is a few microseconds of shared memory, no I/O."""
+
+    def on_request(self, ex: Exchange) -> Reply | None:
+        key = self._key(ex)
+        if key is None:
+            return self._missing(ex)
+        buckets = self.buckets
+        if buckets is None:  # used before start(): open the node's table now
+            buckets = self.buckets = self.backend.buckets(self.limits)
+        assert isinstance(buckets, LocalBuckets)
+        if self._single:
+            allowed, wait = buckets.take1(key, self.cost)
+            ex.set_var(self._var, wait)
+            if allowed:
+                child = self._allowed_child
+                if child is None:
+                    self._count(ex, _ALLOWED)
+                else:
+                    child.inc()
+                return None
+            self._count(ex, _LIMITED)
+            ex.note("ratelimit", "limited")
+            return self._limited(
+                wait + self.cost * self.limits[0].interval - self.limits[0].tolerance
+            )
+        return self._decide(ex, buckets.take_now(key, self.cost))
+
+
+class RedisRateLimitPlugin(RateLimitPlugin):
+    """``redis`` backend: the check awaits one batched round trip (bounded by the timeout)."""
+
+    async def on_request(self, ex: Exchange) -> Reply | None:
+        key = self._key(ex)
+        if key is None:
+            return self._missing(ex)
+        buckets = self.buckets
+        if buckets is None:
+            raise RuntimeError("rate_limit used before start()")
+        return self._decide(ex, await buckets.take(key, self.cost))
+
+
+__all__ = ["DECISIONS", "RateLimitConfig", "RateLimitPlugin"]

@@ -1,0 +1,199 @@
+"""A real ``redis-server`` on a free loopback port, with the faults the tests need.
+
+``stall(seconds)`` sends ``DEBUG SLEEP`` (the server answers nothing meanwhile), ``kill()``
+SIGKILLs it, ``restart()`` starts it again on the same port (with an empty dataset and script
+cache, as after a crash).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+from tests.support.procs import free_port, wait_for_port
+
+
+def _command(*args: str | int) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        raw = str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:  # the tests never skip: install it (apt-get install redis-server)
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="gw-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: tuple[str, ...] = ()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--enable-debug-command",
+                "local",
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.proc)
+
+    def command(self, *args: str | int, timeout: float = 5.0) -> bytes:
+        """Send one command, return the raw reply (enough for FLUSHALL, PING, GET...)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(_command(*args))
+            return s.recv(65536)
+
+    def flush(self) -> None:
+        assert self.command("FLUSHALL").startswith(b"+OK")
+
+    def stall(self, seconds: float) -> None:
+        """Make the server sleep ``seconds`` (DEBUG SLEEP), without waiting for it here."""
+
+        def run() -> None:
+            try:
+                self.command("DEBUG", "SLEEP", seconds, timeout=seconds + 10)
+            except OSError:
+                pass
+
+        threading.Thread(target=run, daemon=True).start()
+        time.sleep(0.05)  # let the command reach the server
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisClusterServers:
+    """A three-primary Redis Cluster (no replicas) on free loopback ports."""
+
+    def __init__(self) -> None:
+        self.nodes: list[RedisServer] = []
+        try:
+            for _ in range(3):
+                node = RedisServer.__new__(RedisServer)
+                node.binary = shutil.which("redis-server") or "redis-server"
+                node.port = _cluster_port()
+                node.dir = tempfile.mkdtemp(prefix="gw-redis-cluster-")
+                node.proc = None
+                node.extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+                node.start()
+                self.nodes.append(node)
+            cli = shutil.which("redis-cli") or "redis-cli"
+            addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            subprocess.run(
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            deadline = time.monotonic() + 20
+            while b"cluster_state:ok" not in self.nodes[0].command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the test Redis Cluster did not become ready")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class RedisSentinel:
+    """One Redis Sentinel watching ``master`` as service ``name``."""
+
+    def __init__(self, master: RedisServer, name: str = "gw") -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="gw-sentinel-")
+        conf = f"{self.dir}/sentinel.conf"
+        with open(conf, "w") as f:
+            f.write(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+            )
+        binary = shutil.which("redis-server") or "redis-server"
+        self.proc = subprocess.Popen(
+            [binary, conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port, self.proc)
+        self.url = f"redis+sentinel://127.0.0.1:{self.port}/{name}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
