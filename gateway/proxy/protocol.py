@@ -716,7 +716,6 @@ class ClientConnection(asyncio.Protocol):
             retry = ex.route.upstream.retry
             if retry is not None and status in retry.statuses and self._retry(ex, "", status, conn):
                 return
-        ex.t_upstream_head = _monotonic()
         ex.status = status
         ex.response_headers = Headers(headers)
         chain = ex.route.chain

@@ -67,7 +67,6 @@ class UpstreamConnection(asyncio.Protocol):
         "length_value",
         "requests",
         "response_started",
-        "sent_at",
         "target",
         "transport",
     )
@@ -90,7 +89,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         self.idle_since = 0.0
         self.last_read = 0.0
-        self.sent_at = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -180,11 +178,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         self._interim = False
+        # One clock read serves the upstream-duration metric, the access log and p2c_ewma.
+        now = ex.t_upstream_head = _monotonic()
         target = self.target
         if status >= target.watch_from:  # a 5xx, or failures to reset
             target.observe_response(status)
         if target.track_latency:  # p2c_ewma: Target.observe_latency(), inlined (per response)
-            rtt = _monotonic() - self.sent_at
+            rtt = now - ex.t_upstream
             ewma = target.ewma
             target.ewma = rtt if rtt > ewma else (ewma + rtt) * 0.5
         if ex.method == b"HEAD" or status == 204 or status == 304:
@@ -233,8 +233,6 @@ class UpstreamConnection(asyncio.Protocol):
         target = self.target
         if target.counted:
             target.in_flight += 1
-            if target.track_latency:
-                self.sent_at = _monotonic()
         assert self.transport is not None
         if hold:
             self.held = head
