@@ -190,26 +190,15 @@ async def drive(
     return elapsed
 
 
-def _instructions(requests: int, flags: list[str]) -> int:
+def callgrind_total(module_argv: list[str]) -> int:
+    """Instructions ``python -m <module_argv>`` executes under callgrind (all threads)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                "-m",
-                "benchmarks.hotpath",
-                "--requests",
-                str(requests),
-                "--runs",
-                "1",
-                *flags,
-            ],
-            check=True,
-            capture_output=True,
-        )
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+             "-m", *module_argv],
+            check=True, capture_output=True,
+        )  # fmt: skip
         summary = subprocess.run(
             ["callgrind_annotate", out], check=True, capture_output=True, text=True
         ).stdout
@@ -217,6 +206,12 @@ def _instructions(requests: int, flags: list[str]) -> int:
     if m is None:
         raise RuntimeError("no totals in callgrind output")
     return int(m.group(1).replace(",", ""))
+
+
+def _instructions(requests: int, flags: list[str]) -> int:
+    return callgrind_total(
+        ["benchmarks.hotpath", "--requests", str(requests), "--runs", "1", *flags]
+    )
 
 
 def main() -> int:

@@ -15,11 +15,6 @@ repeat to a fraction of a percent whatever the machine does.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
-import sys
-import tempfile
 import time
 import timeit
 from types import SimpleNamespace
@@ -155,20 +150,9 @@ def loop(what: str, n: int) -> None:
 
 
 def _instructions(what: str, n: int) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "callgrind.out")
-        subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-             "-m", "benchmarks.jwt_cost", "--loop", what, "--number", str(n)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        summary = subprocess.run(
-            ["callgrind_annotate", out], check=True, capture_output=True, text=True
-        ).stdout
-    m = re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", summary)
-    if m is None:
-        raise RuntimeError("no totals in callgrind output")
-    return int(m.group(1).replace(",", ""))
+    from benchmarks.hotpath import callgrind_total
+
+    return callgrind_total(["benchmarks.jwt_cost", "--loop", what, "--number", str(n)])
 
 
 def main() -> None:

@@ -179,16 +179,10 @@ class LeastConn(Balancer):
         return best
 
 
-class P2CEwma(Balancer):
-    """Power of two choices: draw two distinct targets (with probability by weight: weights
-    decide who is considered), keep the one with the lower score, peak-EWMA latency x
-    (in flight + 1). A slow target's latency estimate
-    jumps at once (peak) and decays over ``EWMA_DECAY`` seconds (gateway.upstream.target), so
-    it is avoided while slow and tried again after."""
+class _Drawing(Balancer):
+    """A balancer that draws targets at random: knows their count and whether the weights
+    are all equal (a uniform draw, no cumulative weights)."""
 
-    name = "p2c_ewma"
-    needs_latency = True
-    needs_load = True
     __slots__ = ("_n", "_uniform")
 
     def __init__(
@@ -201,6 +195,18 @@ class P2CEwma(Balancer):
         super().__init__(targets, weights, key, rng)
         self._n = len(self.targets)
         self._uniform = len(set(self.weights)) == 1
+
+
+class P2CEwma(_Drawing):
+    """Power of two choices: draw two distinct targets (with probability by weight: weights
+    decide who is considered), keep the one with the lower score, peak-EWMA latency x
+    (in flight + 1). A slow target's latency estimate
+    jumps at once (peak) and decays over ``EWMA_DECAY`` seconds (gateway.upstream.target), so
+    it is avoided while slow and tried again after."""
+
+    name = "p2c_ewma"
+    needs_latency = True
+    needs_load = True
 
     def pick(self, ex: Exchange) -> Target:
         n = self._n
@@ -223,20 +229,8 @@ class P2CEwma(Balancer):
         return ta if sa <= tb.ewma * (tb.in_flight + tb.connecting + 1) else tb
 
 
-class RandomBalancer(Balancer):
+class RandomBalancer(_Drawing):
     name = "random"
-    __slots__ = ("_n", "_uniform")
-
-    def __init__(
-        self,
-        targets: Sequence[Target],
-        weights: Sequence[int] | None = None,
-        key: KeyFunction | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        super().__init__(targets, weights, key, rng)
-        self._n = len(self.targets)
-        self._uniform = len(set(self.weights)) == 1
 
     def pick(self, ex: Exchange) -> Target:
         if self._uniform:

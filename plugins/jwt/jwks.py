@@ -227,19 +227,7 @@ class RemoteKeys:
         self.fetches += 1
         try:
             url = self.jwks_url or await self._discover()
-            resp = await client.request(
-                "GET",
-                url,
-                headers=[("accept", "application/json")],
-                timeout=s.timeout,
-                max_body=s.max_body,
-            )
-            if resp.status != 200:
-                raise client.ControlError(f"GET {url}: HTTP {resp.status}")
-            try:
-                doc = orjson.loads(resp.body)
-            except orjson.JSONDecodeError as exc:
-                raise client.ControlError(f"GET {url}: invalid JSON: {exc}") from None
+            doc, resp = await self._get_json(url)
             keys, problems = parse_jwks(doc)
             for problem in problems:
                 log.warning("JWKS %s: skipped %s", url, problem, extra={"issuer": self.issuer})
@@ -288,9 +276,9 @@ class RemoteKeys:
             for callback in self._subscribers:
                 callback(removed)
 
-    async def _discover(self) -> str:
-        """``jwks_uri`` from the issuer's OpenID configuration (OIDC Discovery 1.0 section 4)."""
-        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    async def _get_json(self, url: str) -> tuple[Any, client.Response]:
+        """GET ``url`` and parse its JSON body; ``ControlError`` for anything but a 200 with
+        valid JSON."""
         s = self.settings
         resp = await client.request(
             "GET",
@@ -302,9 +290,14 @@ class RemoteKeys:
         if resp.status != 200:
             raise client.ControlError(f"GET {url}: HTTP {resp.status}")
         try:
-            doc = orjson.loads(resp.body)
+            return orjson.loads(resp.body), resp
         except orjson.JSONDecodeError as exc:
             raise client.ControlError(f"GET {url}: invalid JSON: {exc}") from None
+
+    async def _discover(self) -> str:
+        """``jwks_uri`` from the issuer's OpenID configuration (OIDC Discovery 1.0 section 4)."""
+        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        doc, _ = await self._get_json(url)
         if not isinstance(doc, dict):
             raise client.ControlError(f"GET {url}: not a JSON object")
         if doc.get("issuer") != self.issuer:  # section 4.3: must match exactly
