@@ -52,7 +52,7 @@ def _plugin(keys: list[dict[str, Any]], cache: int, forward: bool) -> JwtPlugin:
 
 
 def _exchange(token: str) -> tuple[Exchange, list[tuple[bytes, bytes, bytes]]]:
-    ex = Exchange(SimpleNamespace(client_ip="127.0.0.1"))  # type: ignore[arg-type]
+    ex = Exchange(SimpleNamespace(client_ip="127.0.0.1", tls_client=None))  # type: ignore[arg-type]
     ex.method = b"GET"
     ex.route = SimpleNamespace(name="bench")  # type: ignore[assignment]
     items = [
