@@ -519,11 +519,12 @@ def profile_gateway(
     bench: Bench, gateway: ProxyUnderTest, scenario: Scenario, connections: int, name: str
 ) -> None:
     """One extra, unreported load run of the gateway with py-spy attached to its (first)
-    process; the profile goes to the results directory."""
+    worker (the supervisor only waits); the profile goes to the results directory."""
     assert bench.settings.py_spy is not None
     duration = bench.settings.duration
     folded = bench.out / f"profile-{name}.folded"
-    spy = profile.start(bench.settings.py_spy, gateway.procs[0].pid, duration, folded)
+    pid = (gateway.worker_pids() or [gateway.procs[0].pid])[0]
+    spy = profile.start(bench.settings.py_spy, pid, duration, folded)
     time.sleep(0.3)  # let py-spy attach before the load starts
     measure_load(bench, gateway, scenario, duration, connections, f"{name}-gateway-profile")
     try:
@@ -710,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="run an A B pair again, up to N times, when other processes used more than "
-        f"{NOISE_LIMIT:.0%} of the CPUs during it; the quietest is kept (default 1; --quick 0)",
+        f"{NOISE_LIMIT * 100:.0f}%% of the CPUs during it; the quietest is kept (default 1; --quick 0)",
     )
     parser.add_argument(
         "--loadgen", choices=["auto", "wrk", "locust"], default="auto", help="default: wrk"

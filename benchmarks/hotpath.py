@@ -17,7 +17,8 @@ writer thread, whose instructions callgrind counts too) or ``off`` (no log phase
 ``--no-tracing`` turns the W3C traceparent off (on by default, as in the gateway).
 
 ``--scenario`` picks the route: ``plain`` (the default, the history below), ``headers`` (one
-response-side plugin: the cost of a plugin chain), ``bearer`` (the
+response-side plugin: the cost of a plugin chain), ``rate_limit`` (the memory-backend limiter
+with its draft headers, as in the ``rate_limit`` benchmark scenario), ``bearer`` (the
 same plain proxy, the request carrying an ``Authorization: Bearer`` JWT), ``jwt`` (that request
 through the jwt plugin, a verified-token cache hit), ``jwt_cold_rs256`` / ``jwt_cold_es256``
 (the cache off: a full verification per request). Compare ``jwt`` with ``bearer``: same bytes
@@ -105,7 +106,15 @@ class FakeTransport:
         pass
 
 
-SCENARIOS = ("plain", "headers", "bearer", "jwt", "jwt_cold_rs256", "jwt_cold_es256")
+SCENARIOS = (
+    "plain",
+    "headers",
+    "rate_limit",
+    "bearer",
+    "jwt",
+    "jwt_cold_rs256",
+    "jwt_cold_es256",
+)
 
 
 def scenario_setup(scenario: str) -> tuple[str, bytes]:
@@ -114,6 +123,9 @@ def scenario_setup(scenario: str) -> tuple[str, bytes]:
         return CONFIG, REQUEST
     if scenario == "headers":  # one response-side plugin: what a plugin chain costs
         plugin = "{headers: {response: {set: {x-served-by: gateway}}}}"
+        return CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{plugin}]}}"), REQUEST
+    if scenario == "rate_limit":  # the memory backend, draft headers, as in the benchmark
+        plugin = "{rate_limit: {key: ip, rate: 1000000/s, backend: memory}}"
         return CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{plugin}]}}"), REQUEST
     import json
 

@@ -2,21 +2,30 @@
 
 Theory of operation
 -------------------
-Each ``take`` becomes one ``EVALSHA`` of ``TAKE_SCRIPT``, which reads the buckets' TATs, decides
-with Redis's own clock (``TIME``: the nodes' clocks do not matter) and writes them back, all
-atomically. A request's buckets share a hash tag (``gw:rl:{key}:limit``), so in a Redis Cluster
-they live on one slot and the script may touch them all.
+``TAKE_SCRIPT`` checks a whole batch of requests in one ``EVALSHA``: for each check in turn it
+reads the buckets' TATs, decides with Redis's own clock (``TIME``: the nodes' clocks do not
+matter) and writes them back, all atomically, so two checks of one key in a batch see each
+other exactly as if they had come one by one. A request's buckets share a hash tag
+(``gw:rl:{key}:limit``), so in a Redis Cluster they live on one slot.
 
 Batching: ``take`` queues the check and schedules a flush with ``loop.call_soon``; every check
-queued during that loop iteration goes out in one pipeline, one round trip. At most
-``MAX_IN_FLIGHT`` pipelines are outstanding; while they are, new checks accumulate into the
-next batch, so batches grow with load instead of connections.
+queued during that loop iteration goes out in one script call, one round trip. At most
+``MAX_IN_FLIGHT`` batches are outstanding; while they are, new checks accumulate into the
+next batch, so batches grow with load instead of with connections (``MAX_BATCH`` checks at
+most per call, which keeps each script run short).
+
+Transport: standalone Redis (``redis://``, ``rediss://``, ``unix://``) and the master found
+through Sentinel are spoken to over one pipelined connection (``gateway.state.resp``):
+pre-encoded command bytes out, hiredis-parsed replies handed back in order, no task per round
+trip. Redis Cluster goes through redis-py's cluster pipeline (one ``EVALSHA`` per check,
+routed by its slot), which is slower per check but finds the slot owners.
 
 Time bound: a batch's timer (``timeout``, default 50 ms) starts when its first check is queued;
 when it fires, every check of the batch still waiting is answered by the degraded mode and the
 backend turns *unhealthy*. While unhealthy, checks go straight to the degraded mode, and one
-task probes Redis (``PING``, then ``SCRIPT LOAD``) with exponential backoff (50 ms doubling to
-2 s, jittered) until it answers; then checks go to Redis again. Degraded modes (``on_error``):
+task probes Redis (a new connection, ``PING``, ``SCRIPT LOAD``) with exponential backoff
+(50 ms doubling to 2 s, jittered) until it answers; then checks go to Redis again. A check that
+timed out may still be applied by Redis later. Degraded modes (``on_error``):
 
 - ``local``: the node's shared-memory bucket (``memory`` backend), with each limit divided by
   the number of nodes: ``state.nodes`` if set, else the count of nodes seen alive in Redis (each
@@ -28,24 +37,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import random
 import socket
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from gateway import metrics, runinfo
 from gateway.config.model import StateConfig
-from gateway.state import CLOSED, LOCAL, OK, OPEN, Buckets, StateBackend, StateError, Verdict
+from gateway.state import CLOSED, LOCAL, OK, OPEN, Buckets, StateBackend, StateError, Verdict, resp
 from gateway.state.gcra import Limit
 from gateway.state.memory import SLOT_CACHE_SIZE, LocalBuckets, close_table, open_table
 from gateway.state.shm import SharedTable
 
 log = logging.getLogger("gateway.state")
 
-MAX_IN_FLIGHT = 4
+MAX_IN_FLIGHT = 2
+MAX_BATCH = 256
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 HEARTBEAT_INTERVAL = 5.0
@@ -53,27 +66,39 @@ NODE_TTL = 15
 #: A key longer than this, or with braces (which would break the hash tag), is hashed.
 MAX_PLAIN_KEY = 96
 
+#: ARGV: the number of checks, then per check: its limit count n, its cost, n emission
+#: intervals, n tolerances (all in µs). KEYS: per check, its n bucket keys. Returns, per
+#: check: 1 (admitted) or 0, then the n waits (TAT minus now, after the take).
 TAKE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local n = #KEYS
-local tats = {}
-local allowed = 1
-for i = 1, n do
-  local tat = tonumber(redis.call('GET', KEYS[i])) or 0
-  if tat < now then tat = now end
-  tats[i] = tat
-  if tat + cost * tonumber(ARGV[1 + i]) - now > tonumber(ARGV[1 + n + i]) then allowed = 0 end
-end
-local out = {allowed}
-for i = 1, n do
-  local wait = tats[i] - now
-  if allowed == 1 and cost > 0 then
-    wait = wait + cost * tonumber(ARGV[1 + i])
-    redis.call('SET', KEYS[i], string.format('%d', now + wait), 'PX', math.ceil(wait / 1000))
+local out = {}
+local k = 0
+local a = 1
+for c = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[a + 1])
+  local cost = tonumber(ARGV[a + 2])
+  local tats = {}
+  local allowed = 1
+  for i = 1, n do
+    local tat = tonumber(redis.call('GET', KEYS[k + i])) or 0
+    if tat < now then tat = now end
+    tats[i] = tat
+    if tat + cost * tonumber(ARGV[a + 2 + i]) - now > tonumber(ARGV[a + 2 + n + i]) then
+      allowed = 0
+    end
   end
-  out[i + 1] = wait
+  out[#out + 1] = allowed
+  for i = 1, n do
+    local wait = tats[i] - now
+    if allowed == 1 and cost > 0 then
+      wait = wait + cost * tonumber(ARGV[a + 2 + i])
+      redis.call('SET', KEYS[k + i], string.format('%d', now + wait), 'PX', math.ceil(wait / 1000))
+    end
+    out[#out + 1] = wait
+  end
+  k = k + n
+  a = a + 2 + 2 * n
 end
 return out
 """
@@ -105,7 +130,7 @@ _mode_gauge = metrics.gauge(
 )
 _batch_size = metrics.histogram(
     "state_redis_batch_size",
-    "Checks sent to Redis in one pipeline round trip",
+    "Checks sent to Redis in one round trip",
     (),
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
 )
@@ -115,80 +140,267 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def make_client(url: str, timeout: float) -> tuple[Any, list[Any]]:
-    """A ``redis.asyncio`` client for a standalone, Sentinel or Cluster URL.
-
-    ``redis://``, ``rediss://``, ``unix://``: standalone. ``redis+sentinel://[:pw@]h:p[,h:p]/
-    service[/db]``: the service's master through Sentinel. ``redis+cluster://[:pw@]h:p[,h:p]``:
-    Redis Cluster (startup nodes). Returns the client and the other clients to close with it
-    (the Sentinels').
-    """
-    import redis.asyncio as aredis
-
-    # The socket timeout frees a connection stuck on a stalled server; callers never wait
-    # that long (the batch timer answers them after ``timeout``).
-    sock_timeout = max(1.0, timeout * 20)
-    opts: dict[str, Any] = {
-        "socket_timeout": sock_timeout,
-        "socket_connect_timeout": sock_timeout,
-        "health_check_interval": 0,
-    }
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in ("redis", "rediss", "unix"):
-        return aredis.Redis.from_url(url, **opts), []
+def _hosts(netloc: str) -> tuple[str | None, list[tuple[str, int]]]:
+    """The password and the ``host:port`` list of a Sentinel or Cluster URL's netloc."""
+    auth, _, hostlist = netloc.rpartition("@")
+    password = unquote(auth.split(":", 1)[-1]) if auth else None
     hosts = []
-    netloc = parts.netloc.rsplit("@", 1)
-    password = unquote(netloc[0].split(":", 1)[-1]) if len(netloc) == 2 else None
-    for hp in netloc[-1].split(","):
+    for hp in hostlist.split(","):
         host, _, port = hp.rpartition(":")
         hosts.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))
-    if scheme == "redis+sentinel":
-        from redis.asyncio.sentinel import Sentinel
-
-        path = [p for p in parts.path.split("/") if p]
-        if not path:
-            raise ValueError("a redis+sentinel URL names the service: redis+sentinel://h:p/name")
-        db = int(path[1]) if len(path) > 1 else 0
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs={"socket_timeout": sock_timeout}, **opts
-        )
-        return sentinel.master_for(path[0], db=db, password=password), list(sentinel.sentinels)
-    if scheme == "redis+cluster":
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-        query = parse_qs(parts.query)
-        cluster = RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in hosts],
-            password=password,
-            require_full_coverage="false" not in query.get("require_full_coverage", []),
-            **opts,
-        )
-        return cluster, []
-    raise ValueError(f"unsupported Redis URL scheme {scheme!r}")
+    return password, hosts
 
 
-Item = tuple["RedisBuckets", str, int, "asyncio.Future[Verdict]"]
+def _socket_timeout(timeout: float) -> float:
+    # Frees a connection stuck on a stalled server; callers never wait that long (the batch
+    # timer answers them after ``timeout``).
+    return max(1.0, timeout * 20)
+
+
+def _segment(args: tuple[Any, ...]) -> bytes:
+    """``args`` as RESP bulk strings, without the array header: a piece of a command."""
+    packed = resp.pack_command(args)
+    return packed[packed.index(b"\r\n") + 2 :]
+
+
+def _bulk_int(n: int) -> bytes:
+    digits = b"%d" % n
+    return b"$%d\r\n%s\r\n" % (len(digits), digits)
 
 
 class _Batch:
-    __slots__ = ("items", "timer")
+    __slots__ = ("expired", "items", "payload", "retried", "timer")
 
     def __init__(self) -> None:
         self.items: list[Item] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.payload = b""
+        self.expired = False  # answered by the degraded mode after the timeout
+        self.retried = False  # sent again after NOSCRIPT
+
+
+Item = tuple["RedisBuckets", str, int, "asyncio.Future[Verdict]"]
+Done = Callable[[_Batch, Any], None]
+
+
+class _Link:
+    """How the backend reaches Redis. ``open`` (re)connects; ``call`` runs one command;
+    ``submit`` sends a batch of checks and calls ``done(batch, reply)`` exactly once, where
+    ``reply`` is the script's flat reply, a list with one reply per check (``per_check``),
+    or an exception (the whole batch failed)."""
+
+    per_check = False
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def call(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def load_scripts(self, *scripts: str) -> None:
+        for script in scripts:
+            await self.call("SCRIPT", "LOAD", script)
+
+    def submit(self, batch: _Batch, sha: bytes, done: Done) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class RespLink(_Link):
+    """Standalone Redis, or the master a Sentinel names: one pipelined ``RespConnection``;
+    a batch is one ``EVALSHA`` of the script over all its checks."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.conn: resp.RespConnection | None = None
+        self._sentinel: Any = None
+        self._service = ""
+        self._endpoint: resp.Endpoint | None = None
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "redis+sentinel":
+            from redis.asyncio.sentinel import Sentinel
+
+            password, hosts = _hosts(parts.netloc)
+            path = [p for p in parts.path.split("/") if p]
+            if not path:
+                raise ValueError(
+                    "a redis+sentinel URL names the service: redis+sentinel://h:p/name"
+                )
+            self._service = path[0]
+            self._master_password = password
+            self._master_db = int(path[1]) if len(path) > 1 else 0
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, sentinel_kwargs={"socket_timeout": _socket_timeout(timeout)}
+            )
+        else:
+            self._endpoint = resp.Endpoint.from_url(url)
+
+    async def _where(self) -> resp.Endpoint:
+        if self._endpoint is not None:
+            return self._endpoint
+        host, port = await self._sentinel.discover_master(self._service)
+        return resp.Endpoint(
+            host=host, port=int(port), password=self._master_password, db=self._master_db
+        )
+
+    async def open(self) -> None:
+        resp.close_quietly(self.conn)
+        self.conn = None
+        conn = await resp.connect(await self._where())
+        self.conn = conn
+        await conn.call("PING")
+
+    async def call(self, *args: Any) -> Any:
+        conn = self.conn
+        if conn is None:
+            raise ConnectionError("not connected to Redis")
+        return await conn.call(*args)
+
+    def submit(self, batch: _Batch, sha: bytes, done: Done) -> None:
+        if not batch.payload:
+            keys: list[bytes] = []
+            args: list[bytes] = []
+            nkeys = 0
+            nargs = 1
+            for buckets, key, cost, _ in batch.items:
+                kseg, kn = buckets.key_segment(key)
+                aseg, an = buckets.arg_segment(cost)
+                keys.append(kseg)
+                args.append(aseg)
+                nkeys += kn
+                nargs += an
+            head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
+                3 + nkeys + nargs,
+                sha,
+                _bulk_int(nkeys),
+            )
+            batch.payload = b"".join((head, *keys, _bulk_int(len(batch.items)), *args))
+        conn = self.conn
+        try:
+            if conn is None:
+                raise ConnectionError("not connected to Redis")
+            conn.send(batch.payload, functools.partial(done, batch))
+        except ConnectionError as exc:
+            done(batch, exc)
+
+    async def close(self) -> None:
+        resp.close_quietly(self.conn)
+        self.conn = None
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                with contextlib.suppress(Exception):
+                    await sentinel.aclose()
+
+
+class ClusterLink(_Link):
+    """Redis Cluster through redis-py: a batch is one cluster pipeline with an ``EVALSHA``
+    per check, each routed to its slot's primary."""
+
+    per_check = True
+
+    def __init__(self, url: str, timeout: float) -> None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        parts = urlsplit(url)
+        password, hosts = _hosts(parts.netloc)
+        query = parse_qs(parts.query)
+        sock_timeout = _socket_timeout(timeout)
+        self.client = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in hosts],
+            password=password,
+            require_full_coverage="false" not in query.get("require_full_coverage", []),
+            socket_timeout=sock_timeout,
+            socket_connect_timeout=sock_timeout,
+            health_check_interval=0,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        await self.client.ping()
+
+    async def call(self, *args: Any) -> Any:
+        if args[0] == "EVAL":
+            return await self.client.eval(*args[1:])
+        return await self.client.execute_command(*args)
+
+    async def load_scripts(self, *scripts: str) -> None:
+        for script in scripts:
+            await self.client.script_load(script)  # on every primary
+
+    def submit(self, batch: _Batch, sha: bytes, done: Done) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(batch, sha.decode(), done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: _Batch, sha: str, done: Done) -> None:
+        from redis.exceptions import NoScriptError
+
+        items = batch.items
+        results: list[Any] = [None] * len(items)
+        todo = list(range(len(items)))
+        try:
+            for attempt in range(2):
+                pipe = self.client.pipeline(transaction=False)
+                for i in todo:
+                    buckets, key, cost, _ = items[i]
+                    keys = buckets.redis_keys(key)
+                    # execute_command, not evalsha(): redis-py's cluster pipeline blocks the
+                    # evalsha method, but routes the command itself by its keys' slot.
+                    pipe.execute_command(
+                        "EVALSHA", sha, len(keys), *keys, 1, *buckets.arg_values(cost)
+                    )
+                answers = await pipe.execute(raise_on_error=False)
+                retry = []
+                for i, res in zip(todo, answers, strict=True):
+                    if isinstance(res, NoScriptError) and attempt == 0:
+                        retry.append(i)
+                    else:
+                        results[i] = res
+                if not retry:
+                    break
+                # A node restarted (or flushed its scripts): load it, send those again.
+                await self.client.script_load(TAKE_SCRIPT)
+                todo = retry
+        except asyncio.CancelledError:
+            done(batch, ConnectionError("closing"))
+            raise
+        except Exception as exc:
+            done(batch, exc)
+            return
+        done(batch, results)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+def make_link(url: str, timeout: float) -> _Link:
+    """The link for a URL. ``redis://``, ``rediss://``, ``unix://``: standalone.
+    ``redis+sentinel://[:pw@]h:p[,h:p]/service[/db]``: the service's master through Sentinel.
+    ``redis+cluster://[:pw@]h:p[,h:p]``: Redis Cluster (startup nodes)."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel"):
+        return RespLink(url, timeout)
+    if scheme == "redis+cluster":
+        return ClusterLink(url, timeout)
+    raise ValueError(f"unsupported Redis URL scheme {scheme!r}")
 
 
 class RedisBuckets(Buckets):
-    """A plugin's limits on Redis: script arguments computed once, Redis key names cached."""
+    """A plugin's limits on Redis: script arguments and Redis key names encoded once."""
 
-    __slots__ = ("_keys", "_local", "_local_nodes", "args", "backend")
+    __slots__ = ("_args", "_keys", "_local", "_local_nodes", "_segments", "backend", "n")
 
     def __init__(self, backend: RedisBackend, limits: tuple[Limit, ...]) -> None:
         super().__init__(limits)
         self.backend = backend
-        self.args = (*[lim.interval for lim in limits], *[lim.tolerance for lim in limits])
+        self.n = len(limits)
         self._keys: dict[str, tuple[str, ...]] = {}
+        self._segments: dict[str, tuple[bytes, int]] = {}
+        self._args: dict[int, tuple[bytes, int]] = {}
         self._local: LocalBuckets | None = None
         self._local_nodes = 0
 
@@ -203,6 +415,37 @@ class RedisBuckets(Buckets):
             if len(self._keys) >= SLOT_CACHE_SIZE:
                 self._keys.clear()
             self._keys[key] = found
+        return found
+
+    def key_segment(self, key: str) -> tuple[bytes, int]:
+        """The check's KEYS, RESP-encoded, and their count."""
+        found = self._segments.get(key)
+        if found is None:
+            keys = self.redis_keys(key)
+            found = (_segment(keys), len(keys))
+            if len(self._segments) >= SLOT_CACHE_SIZE:
+                self._segments.clear()
+            self._segments[key] = found
+        return found
+
+    def arg_values(self, cost: int) -> tuple[int, ...]:
+        limits = self.limits
+        return (
+            self.n,
+            cost,
+            *[lim.interval for lim in limits],
+            *[lim.tolerance for lim in limits],
+        )
+
+    def arg_segment(self, cost: int) -> tuple[bytes, int]:
+        """The check's ARGV part, RESP-encoded, and its length."""
+        found = self._args.get(cost)
+        if found is None:
+            values = self.arg_values(cost)
+            found = (_segment(values), len(values))
+            if len(self._args) >= 64:
+                self._args.clear()
+            self._args[cost] = found
         return found
 
     def local(self, table: SharedTable, nodes: int) -> LocalBuckets:
@@ -235,11 +478,10 @@ class RedisBackend(StateBackend):
         self.checks = 0
         self.largest_batch = 0
         self.last_error = ""
-        self._client: Any = None
-        self._also_close: list[Any] = []
-        self._sha = _sha1(TAKE_SCRIPT)
-        self._add_sha = _sha1(ADD_SCRIPT)
-        self._batch: _Batch | None = None
+        self._link: _Link | None = None
+        self._sha = _sha1(TAKE_SCRIPT).encode()
+        self._batch: _Batch | None = None  # the batch being filled
+        self._ready: deque[_Batch] = deque()  # full batches waiting for a send slot
         self._flush_scheduled = False
         self._in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -258,7 +500,7 @@ class RedisBackend(StateBackend):
         assert self.config.url is not None
         self._closed = False
         self._node_id = f"{socket.gethostname()}:{runinfo.run_dir()}"
-        self._client, self._also_close = make_client(self.config.url, self.timeout)
+        self._link = make_link(self.config.url, self.timeout)
         if self.on_error == LOCAL:
             self._table = open_table(self.config.max_keys)
         try:
@@ -270,9 +512,9 @@ class RedisBackend(StateBackend):
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def _connect(self) -> None:
-        await self._client.ping()
-        await self._client.script_load(TAKE_SCRIPT)
-        await self._client.script_load(ADD_SCRIPT)
+        assert self._link is not None
+        await self._link.open()
+        await self._link.load_scripts(TAKE_SCRIPT, ADD_SCRIPT)
         if self.config.nodes is None:
             await self._count_nodes()
 
@@ -282,12 +524,9 @@ class RedisBackend(StateBackend):
             if task is not None:
                 task.cancel()
         self._fail_pending(StateError("closing"))
-        if self._client is not None:
+        if self._link is not None:
             with contextlib.suppress(Exception):
-                await self._client.aclose()
-            for other in self._also_close:
-                with contextlib.suppress(Exception):
-                    await other.aclose()
+                await self._link.close()
         if self._table is not None:
             close_table(self._table)
             self._table = None
@@ -347,7 +586,10 @@ class RedisBackend(StateBackend):
                     await asyncio.wait_for(self._count_nodes(), timeout=1.0)
 
     async def _count_nodes(self) -> None:
-        n = await self._client.eval(NODES_SCRIPT, 1, self.prefix + "nodes", self._node_id, NODE_TTL)
+        assert self._link is not None
+        n = await self._link.call(
+            "EVAL", NODES_SCRIPT, 1, self.prefix + "nodes", self._node_id, NODE_TTL
+        )
         self.nodes_observed = max(1, int(n))
 
     # -- degraded answers ------------------------------------------------------------------------
@@ -373,7 +615,11 @@ class RedisBackend(StateBackend):
         if batch is None:
             batch = self._batch = _Batch()
             batch.timer = loop.call_later(self.timeout, self._expire, batch)
-        batch.items.append((buckets, key, cost, fut))
+        items = batch.items
+        items.append((buckets, key, cost, fut))
+        if len(items) >= MAX_BATCH:
+            self._ready.append(batch)
+            self._batch = None
         if not self._flush_scheduled and self._in_flight < MAX_IN_FLIGHT:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -384,18 +630,33 @@ class RedisBackend(StateBackend):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        batch = self._batch
-        if batch is None or not batch.items:
+        link = self._link
+        if link is None or self._closed:
             return
-        self._batch = None
-        self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        ready = self._ready
+        while self._in_flight < MAX_IN_FLIGHT:
+            if ready:
+                batch = ready.popleft()
+            elif self._batch is not None:
+                batch = self._batch
+                self._batch = None
+            else:
+                return
+            n = len(batch.items)
+            self.batches += 1
+            self.checks += n
+            if n > self.largest_batch:
+                self.largest_batch = n
+            self._batch_hist.observe(n)
+            self._in_flight += 1
+            link.submit(batch, self._sha, self._answered)
 
     def _expire(self, batch: _Batch) -> None:
         if batch is self._batch:
             self._batch = None
+        with contextlib.suppress(ValueError):
+            self._ready.remove(batch)
+        batch.expired = True
         waiting = [item for item in batch.items if not item[3].done()]
         if waiting:
             self._failed(TimeoutError())
@@ -405,83 +666,88 @@ class RedisBackend(StateBackend):
                     fut.set_exception(err)
 
     def _fail_pending(self, err: StateError) -> None:
-        batch = self._batch
-        self._batch = None
-        if batch is not None:
+        """Answer every check not yet sent (the degraded mode takes them)."""
+        batches = list(self._ready)
+        self._ready.clear()
+        if self._batch is not None:
+            batches.append(self._batch)
+            self._batch = None
+        for batch in batches:
             if batch.timer is not None:
                 batch.timer.cancel()
             for *_, fut in batch.items:
                 if not fut.done():
                     fut.set_exception(err)
 
-    async def _send(self, batch: _Batch) -> None:
-        items = batch.items
-        n = len(items)
-        self.batches += 1
-        self.checks += n
-        if n > self.largest_batch:
-            self.largest_batch = n
-        self._batch_hist.observe(n)
-        try:
-            results = await self._pipeline(items)
-            for (buckets, _, _, fut), res in zip(items, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(res, Exception):
-                    fut.set_exception(StateError(str(res)))
-                else:
-                    fut.set_result(Verdict(res[0] == 1, res[1:], buckets.limits, OK))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._failed(exc)
-            err = StateError(self.last_error)
-            for *_, fut in items:
+    def _answered(self, batch: _Batch, reply: Any) -> None:
+        """A batch's reply (see ``_Link``): hand each check its verdict."""
+        self._in_flight -= 1
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if isinstance(reply, list):
+            if self._link is not None and self._link.per_check:
+                self._answer_each(batch, reply)
+            else:
+                self._answer_all(batch, reply)
+        elif (
+            isinstance(reply, resp.RespError)
+            and str(reply).startswith("NOSCRIPT")
+            and not batch.retried
+            and not batch.expired
+        ):
+            # Redis restarted or flushed its scripts: load the script, send the batch again.
+            batch.retried = True
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._reload_and_resend(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            exc = reply if isinstance(reply, BaseException) else StateError(repr(reply)[:200])
+            if not batch.expired and self.healthy:
+                self._failed(exc)
+            err = StateError(self.last_error or str(exc))
+            for *_, fut in batch.items:
                 if not fut.done():
                     fut.set_exception(err)
-        finally:
-            if batch.timer is not None:
-                batch.timer.cancel()
-            self._in_flight -= 1
-            if self._batch is not None and not self._flush_scheduled and not self._closed:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+        pending = self._batch is not None or self._ready
+        if pending and not self._flush_scheduled and not self._closed:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _pipeline(self, items: list[Item]) -> list[Any]:
-        from redis.exceptions import NoScriptError
+    def _answer_all(self, batch: _Batch, reply: list[Any]) -> None:
+        i = 0
+        for buckets, _, _, fut in batch.items:
+            n = buckets.n
+            if not fut.done():
+                fut.set_result(Verdict(reply[i] == 1, reply[i + 1 : i + 1 + n], buckets.limits, OK))
+            i += 1 + n
 
-        results: list[Any] = [None] * len(items)
-        todo = list(range(len(items)))
-        for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            sha = self._sha
-            for i in todo:
-                buckets, key, cost, _ = items[i]
-                keys = buckets.redis_keys(key)
-                # execute_command, not evalsha(): redis-py's cluster pipeline blocks the
-                # evalsha method, but routes the command itself by its keys' slot.
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, cost, *buckets.args)
-            answers = await pipe.execute(raise_on_error=False)
-            retry = []
-            for i, res in zip(todo, answers, strict=True):
-                if isinstance(res, NoScriptError) and attempt == 0:
-                    retry.append(i)
-                else:
-                    results[i] = res
-            if not retry:
-                break
-            # Redis restarted (or flushed its scripts): load the script, send those again.
-            await self._client.script_load(TAKE_SCRIPT)
-            todo = retry
-        return results
+    def _answer_each(self, batch: _Batch, replies: list[Any]) -> None:
+        for (buckets, _, _, fut), res in zip(batch.items, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(StateError(str(res)))
+            else:
+                fut.set_result(Verdict(res[0] == 1, res[1:], buckets.limits, OK))
+
+    async def _reload_and_resend(self, batch: _Batch) -> None:
+        assert self._link is not None
+        try:
+            await self._link.call("SCRIPT", "LOAD", TAKE_SCRIPT)
+        except Exception as exc:
+            self._answered(batch, exc)
+            return
+        self._link.submit(batch, self._sha, self._answered)
 
     # -- counters ---------------------------------------------------------------------------------
     async def add(self, name: str, amount: int, ttl: float) -> int:
+        assert self._link is not None
         key = f"{self.prefix}n:{{{name}}}"
         try:
             return int(
                 await asyncio.wait_for(
-                    self._client.eval(ADD_SCRIPT, 1, key, amount, max(1, int(ttl * 1000))),
+                    self._link.call("EVAL", ADD_SCRIPT, 1, key, amount, max(1, int(ttl * 1000))),
                     timeout=self.timeout,
                 )
             )
@@ -502,6 +768,9 @@ class RedisBackend(StateBackend):
             checks=self.checks,
             avg_batch_size=round(self.checks / self.batches, 2) if self.batches else 0.0,
             largest_batch=self.largest_batch,
+            transport="redis-py cluster pipeline"
+            if isinstance(self._link, ClusterLink)
+            else "resp",
             pid=os.getpid(),
         )
         return out
