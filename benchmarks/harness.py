@@ -711,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="run an A B pair again, up to N times, when other processes used more than "
-        f"{NOISE_LIMIT * 100:.0f}%% of the CPUs during it; the quietest is kept (default 1; --quick 0)",
+        f"{NOISE_LIMIT * 100:.0f}%% of the CPUs during it; the quietest is kept "
+        "(default 1; --quick 0)",
     )
     parser.add_argument(
         "--loadgen", choices=["auto", "wrk", "locust"], default="auto", help="default: wrk"

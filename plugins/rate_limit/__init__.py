@@ -19,6 +19,8 @@ for the plugin's own 429.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 from typing import Any, Literal
 
@@ -32,6 +34,7 @@ from gateway.proxy.exchange import Exchange
 from gateway.state import CLOSED, LOCAL, OK, Buckets, StateBackend, Verdict
 from gateway.state.gcra import TICKS_PER_SECOND, Limit, parse_rate, reset_after, retry_after
 from gateway.state.memory import LocalBuckets
+from gateway.state.redis import RedisBackend, RedisBuckets
 from plugins.rate_limit.keys import compile_key
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:/+-]{1,64}$")
@@ -335,16 +338,40 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
 
 
 class RedisRateLimitPlugin(RateLimitPlugin):
-    """``redis`` backend: the check awaits one batched round trip (bounded by the timeout)."""
+    """``redis`` backend: the check joins the loop iteration's batch (one round trip, bounded
+    by the timeout). The hook stays sync: it returns a future that the backend's callback
+    resolves, so a request allocates no task or coroutine. With Redis down, the degraded
+    answer needs no I/O and is returned at once."""
 
-    async def on_request(self, ex: Exchange) -> Reply | None:
+    def on_request(self, ex: Exchange) -> Reply | asyncio.Future[Reply | None] | None:
         key = self._key(ex)
         if key is None:
             return self._missing(ex)
         buckets = self.buckets
         if buckets is None:
             raise RuntimeError("rate_limit used before start()")
-        return self._decide(ex, await buckets.take(key, self.cost))
+        backend = self.backend
+        assert isinstance(backend, RedisBackend) and isinstance(buckets, RedisBuckets)
+        if not backend.healthy:
+            return self._decide(ex, backend.degraded(buckets, key, self.cost))
+        out: asyncio.Future[Reply | None] = backend.loop.create_future()
+        backend.enqueue(buckets, key, self.cost, functools.partial(self._verdict, ex, out))
+        return out
+
+    def _verdict(self, ex: Exchange, out: asyncio.Future[Reply | None], verdict: Verdict) -> None:
+        if out.done():  # the exchange ended while it waited
+            return
+        if verdict.allowed and verdict.mode == OK and self._single:
+            # As the memory fast path: the wait alone, for on_response's single-limit path.
+            ex.set_var(self._var, verdict.waits[0])
+            child = self._allowed_child
+            if child is None:
+                self._count(ex, _ALLOWED)
+            else:
+                child.inc()
+            out.set_result(None)
+        else:
+            out.set_result(self._decide(ex, verdict))
 
 
 __all__ = ["DECISIONS", "RateLimitConfig", "RateLimitPlugin"]
