@@ -704,7 +704,7 @@ class RedisBackend(StateBackend):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            if self.healthy:
+            if self.healthy and not self._closed:
                 exc = reply if isinstance(reply, BaseException) else ValueError(repr(reply)[:200])
                 self._failed(exc)
             self._answer_degraded(batch)
