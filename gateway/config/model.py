@@ -334,3 +334,13 @@ class GatewayConfig(Strict):
     forwarding: ForwardingConfig = ForwardingConfig()
     log: LogConfig = LogConfig()
     state: StateConfig = StateConfig()
+
+    @model_validator(mode="after")
+    def _state_timeout_below_plugin_timeout(self) -> GatewayConfig:
+        if self.state.backend == "redis" and self.state.timeout >= self.limits.plugin_timeout:
+            raise ValueError(
+                f"state.timeout ({self.state.timeout:g} s) must be below limits.plugin_timeout "
+                f"({self.limits.plugin_timeout:g} s): a check waiting on Redis would get "
+                "plugin_timeout instead of the on_error answer"
+            )
+        return self

@@ -1092,6 +1092,7 @@ class ClientConnection(asyncio.Protocol):
         if (
             route is not None
             and route.timeouts.total
+            and ex.upstream_since  # not while the request plugins still run
             and not ex.response_started
             and now - ex.upstream_since > route.timeouts.total
         ):

@@ -151,6 +151,12 @@ def _hosts(netloc: str) -> tuple[str | None, list[tuple[str, int]]]:
     return password, hosts
 
 
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timeout"
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
 def _socket_timeout(timeout: float) -> float:
     # Frees a connection stuck on a stalled server; callers never wait that long (the batch
     # timer answers them after ``timeout``).
@@ -169,13 +175,14 @@ def _bulk_int(n: int) -> bytes:
 
 
 class _Batch:
-    __slots__ = ("answered", "items", "payload", "retried", "timer")
+    __slots__ = ("answered", "holds_slot", "items", "payload", "retried", "timer")
 
     def __init__(self) -> None:
         self.items: list[Item] = []
         self.timer: asyncio.TimerHandle | None = None
         self.payload = b""
         self.answered = False  # every check has had its verdict (all are answered together)
+        self.holds_slot = False  # sent, counted in the backend's in-flight batches
         self.retried = False  # sent again after NOSCRIPT
 
 
@@ -408,8 +415,13 @@ class RedisBuckets(Buckets):
         found = self._keys.get(key)
         if found is None:
             tag = key
-            if len(tag) > MAX_PLAIN_KEY or "{" in tag or "}" in tag:
-                tag = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+            try:
+                raw = key.encode()
+            except UnicodeEncodeError:  # lone surrogates (say, from a JSON claim): hashed
+                raw = key.encode("utf-8", "surrogatepass")
+                tag = ""
+            if not tag or len(tag) > MAX_PLAIN_KEY or "{" in tag or "}" in tag:
+                tag = hashlib.blake2b(raw, digest_size=16).hexdigest()
             prefix = self.backend.prefix
             found = tuple(f"{prefix}rl:{{{tag}}}:{limit.name}" for limit in self.limits)
             if len(self._keys) >= SLOT_CACHE_SIZE:
@@ -522,6 +534,7 @@ class RedisBackend(StateBackend):
 
     async def close(self) -> None:
         self._closed = True
+        self.healthy = False  # checks from now on take the degraded path, without waiting
         for task in (self._probe, self._heartbeat, *self._tasks):
             if task is not None:
                 task.cancel()
@@ -556,10 +569,9 @@ class RedisBackend(StateBackend):
         self.errors += 1
         if isinstance(exc, asyncio.TimeoutError | TimeoutError):
             self._err_timeout.inc()
-            self.last_error = "timeout"
         else:
             self._err_error.inc()
-            self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        self.last_error = _describe(exc)
         if self.healthy or self._probe is None or self._probe.done():
             self._set_healthy(False)
             self._fail_pending()
@@ -574,7 +586,7 @@ class RedisBackend(StateBackend):
                 await asyncio.wait_for(self._connect(), timeout=max(self.timeout * 10, 0.5))
             except Exception as exc:
                 self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"[:200] or "timeout"
+                self.last_error = _describe(exc)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             self._set_healthy(True)
@@ -612,8 +624,13 @@ class RedisBackend(StateBackend):
     async def take(self, buckets: RedisBuckets, key: str, cost: int) -> Verdict:
         if not self.healthy:
             return self.degraded(buckets, key, cost)
-        fut: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self.enqueue(buckets, key, cost, fut.set_result)
+        fut: asyncio.Future[Verdict] = self.loop.create_future()
+
+        def done(verdict: Verdict) -> None:
+            if not fut.done():  # the caller may have been cancelled
+                fut.set_result(verdict)
+
+        self.enqueue(buckets, key, cost, done)
         return await fut
 
     def enqueue(
@@ -621,7 +638,7 @@ class RedisBackend(StateBackend):
     ) -> None:
         """``take`` without a coroutine: ``on_done(verdict)`` is called exactly once, from a
         later loop iteration (the reply, or the degraded mode after an error or the
-        timeout). Only while ``healthy``; otherwise ask ``_degraded`` directly."""
+        timeout), and must not raise. Only while ``healthy``; otherwise ask ``degraded``."""
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch()
@@ -656,7 +673,19 @@ class RedisBackend(StateBackend):
                 self.largest_batch = n
             self._batch_hist.observe(n)
             self._in_flight += 1
-            link.submit(batch, self._sha, self._answered)
+            batch.holds_slot = True
+            try:
+                link.submit(batch, self._sha, self._answered)
+            except Exception as exc:  # a bug, not Redis: still answer, and free the slot
+                log.exception("sending a rate-limit batch failed")
+                self._answered(batch, exc)
+
+    def _release(self, batch: _Batch) -> None:
+        """Give back the batch's in-flight slot (once: a batch that timed out gives it back
+        then, not when its late reply or connection error comes)."""
+        if batch.holds_slot:
+            batch.holds_slot = False
+            self._in_flight -= 1
 
     def _expire(self, batch: _Batch) -> None:
         """A batch's timeout: its checks get the degraded mode's answer, now."""
@@ -665,8 +694,10 @@ class RedisBackend(StateBackend):
         with contextlib.suppress(ValueError):
             self._ready.remove(batch)
         if not batch.answered:
+            self._release(batch)
             self._failed(TimeoutError())
             self._answer_degraded(batch)
+            self._schedule_flush()
 
     def _fail_pending(self) -> None:
         """Answer every check not yet sent with the degraded mode."""
@@ -682,75 +713,103 @@ class RedisBackend(StateBackend):
 
     def _answered(self, batch: _Batch, reply: Any) -> None:
         """A batch's reply (see ``_Link``): hand each check its verdict."""
-        self._in_flight -= 1
-        if batch.timer is not None:
-            batch.timer.cancel()
-        if batch.answered:  # timed out already
-            pass
-        elif isinstance(reply, list):
-            if self._link is not None and self._link.per_check:
-                self._answer_each(batch, reply)
-            else:
-                self._answer_all(batch, reply)
-        elif (
+        if batch.answered:  # timed out already; its slot was given back then
+            return
+        if (
             isinstance(reply, resp.RespError)
             and str(reply).startswith("NOSCRIPT")
             and not batch.retried
         ):
-            # Redis restarted or flushed its scripts: load the script, send the batch again.
+            # Redis restarted or flushed its scripts: load the script, send the batch again,
+            # holding the same slot, under the same timer.
             batch.retried = True
-            self._in_flight += 1
             task = self.loop.create_task(self._reload_and_resend(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        else:
+            return
+        self._release(batch)
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if isinstance(reply, list):
+            try:
+                if self._link is not None and self._link.per_check:
+                    verdicts = self._verdicts_each(batch, reply)
+                else:
+                    verdicts = self._verdicts_all(batch, reply)
+            except Exception as bad:
+                reply = ValueError(f"unexpected reply from Redis: {bad!r}"[:200])
+            else:
+                self._deliver(batch, verdicts)
+                reply = None
+        if reply is not None:
             if self.healthy and not self._closed:
                 exc = reply if isinstance(reply, BaseException) else ValueError(repr(reply)[:200])
                 self._failed(exc)
             self._answer_degraded(batch)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         pending = self._batch is not None or self._ready
         if pending and not self._flush_scheduled and not self._closed:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    def _answer_all(self, batch: _Batch, reply: list[Any]) -> None:
-        batch.answered = True
+    def _verdicts_all(self, batch: _Batch, reply: list[Any]) -> list[Verdict]:
+        out = []
         i = 0
-        for buckets, _, _, on_done in batch.items:
+        for buckets, _, _, _ in batch.items:
             n = buckets.n
-            try:
-                on_done(Verdict(reply[i] == 1, reply[i + 1 : i + 1 + n], buckets.limits, OK))
-            except Exception:
-                log.exception("rate-limit verdict callback failed")
+            waits = reply[i + 1 : i + 1 + n]
+            if len(waits) != n:
+                raise IndexError("reply too short")
+            out.append(Verdict(reply[i] == 1, waits, buckets.limits, OK))
             i += 1 + n
+        if i != len(reply):
+            raise IndexError("reply too long")
+        return out
 
-    def _answer_each(self, batch: _Batch, replies: list[Any]) -> None:
+    def _verdicts_each(self, batch: _Batch, replies: list[Any]) -> list[Verdict]:
+        out = []
+        for (buckets, key, cost, _), res in zip(batch.items, replies, strict=True):
+            if isinstance(res, BaseException):
+                out.append(self.degraded(buckets, key, cost))
+            else:
+                out.append(Verdict(res[0] == 1, res[1:], buckets.limits, OK))
+        return out
+
+    def _deliver(self, batch: _Batch, verdicts: list[Verdict]) -> None:
         batch.answered = True
-        for (buckets, key, cost, on_done), res in zip(batch.items, replies, strict=True):
+        for (*_, on_done), verdict in zip(batch.items, verdicts, strict=True):
             try:
-                if isinstance(res, BaseException):
-                    on_done(self.degraded(buckets, key, cost))
-                else:
-                    on_done(Verdict(res[0] == 1, res[1:], buckets.limits, OK))
+                on_done(verdict)
             except Exception:
                 log.exception("rate-limit verdict callback failed")
 
     def _answer_degraded(self, batch: _Batch) -> None:
-        batch.answered = True
-        for buckets, key, cost, on_done in batch.items:
+        verdicts = []
+        for buckets, key, cost, _ in batch.items:
             try:
-                on_done(self.degraded(buckets, key, cost))
-            except Exception:
-                log.exception("rate-limit verdict callback failed")
+                verdicts.append(self.degraded(buckets, key, cost))
+            except Exception:  # a bug: answer anyway, as open or closed, never leave it waiting
+                log.exception("the degraded rate-limit answer failed")
+                mode = OPEN if self.on_error == OPEN else CLOSED
+                verdicts.append(Verdict(mode == OPEN, [], buckets.limits, mode))
+        self._deliver(batch, verdicts)
 
     async def _reload_and_resend(self, batch: _Batch) -> None:
         assert self._link is not None
         try:
-            await self._link.call("SCRIPT", "LOAD", TAKE_SCRIPT)
+            await asyncio.wait_for(
+                self._link.call("SCRIPT", "LOAD", TAKE_SCRIPT), timeout=self.timeout
+            )
+        except asyncio.CancelledError:  # closing
+            self._answered(batch, ConnectionError("closing"))
+            raise
         except Exception as exc:
             self._answered(batch, exc)
             return
-        self._link.submit(batch, self._sha, self._answered)
+        if not batch.answered:
+            self._link.submit(batch, self._sha, self._answered)
 
     # -- counters ---------------------------------------------------------------------------------
     async def add(self, name: str, amount: int, ttl: float) -> int:

@@ -54,25 +54,35 @@ class Endpoint:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         query = parse_qs(parts.query)
-        username = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password is not None else None
+
+        def param(name: str) -> str | None:
+            values = query.get(name)
+            return values[0] if values else None
+
+        # As redis-py: credentials in the netloc, or in ?username= / ?password=.
+        username = unquote(parts.username) if parts.username else param("username")
+        password = unquote(parts.password) if parts.password else param("password")
         if scheme == "unix":
-            db = int(query.get("db", ["0"])[0])
-            return cls(path=parts.path, username=username, password=password, db=db)
+            return cls(
+                path=unquote(parts.path),
+                username=username or None,
+                password=password or None,
+                db=int(param("db") or 0),
+            )
         if scheme not in ("redis", "rediss"):
             raise ValueError(f"not a standalone Redis URL: {scheme}://")
         path = parts.path.strip("/")
-        db = int(path) if path else int(query.get("db", ["0"])[0])
-        reqs = query.get("ssl_cert_reqs", ["required"])[0].lower()
+        db = param("db") or path or "0"
+        reqs = (param("ssl_cert_reqs") or "required").lower()
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or 6379,
             tls=scheme == "rediss",
             tls_verify=reqs not in ("none", "cert_none"),
-            tls_ca=query.get("ssl_ca_certs", [None])[0],
+            tls_ca=param("ssl_ca_certs"),
             username=username or None,
             password=password or None,
-            db=db,
+            db=int(db),
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:

@@ -361,6 +361,13 @@ class RedisRateLimitPlugin(RateLimitPlugin):
     def _verdict(self, ex: Exchange, out: asyncio.Future[Reply | None], verdict: Verdict) -> None:
         if out.done():  # the exchange ended while it waited
             return
+        try:
+            self._resolve(ex, out, verdict)
+        except Exception as exc:  # the chain treats it as this hook's failure
+            if not out.done():
+                out.set_exception(exc)
+
+    def _resolve(self, ex: Exchange, out: asyncio.Future[Reply | None], verdict: Verdict) -> None:
         if verdict.allowed and verdict.mode == OK and self._single:
             # As the memory fast path: the wait alone, for on_response's single-limit path.
             ex.set_var(self._var, verdict.waits[0])

@@ -186,3 +186,22 @@ def test_killed_and_restarted_redis_under_load(
     assert during and set(during) == {"closed"}
     assert {s for s, _, at in results if at < killed} == {"200"}
     assert gw.alive()
+
+
+def test_a_total_timeout_does_not_cut_a_request_waiting_on_redis(
+    upstream: UpstreamProcess, redis: RedisServer, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # timeouts.total counts the upstream phase: a check waiting on a slow Redis is bounded by
+    # state.timeout (here 3 s, on_error: open) and must not get 504 upstream_timeout.
+    state = {"backend": "redis", "url": redis.url, "timeout": "3s", "on_error": "open"}
+    config = proxy_config(
+        upstream.url,
+        plugins=[{"rate_limit": {"key": "route", "rate": "100/s"}}],
+        top={"state": state},
+        timeouts={"total": "30s"},
+    )
+    gw = start_gateway(config)
+    assert request(gw.port, "GET", "/warm").status == 200
+    redis.stall(1.5)
+    resp = request(gw.port, "GET", "/x")
+    assert resp.status == 200, resp.body

@@ -82,6 +82,14 @@ def test_bad_state_configs(state: str, message: str) -> None:
     assert message in text
 
 
+def test_state_timeout_must_be_below_the_plugin_timeout() -> None:
+    text = errors(
+        "state: {backend: redis, url: 'redis://x', timeout: 5s}\nlimits: {plugin_timeout: 5s}\n"
+    )
+    assert "state.timeout (5 s) must be below limits.plugin_timeout (5 s)" in text
+    load("state: {backend: redis, url: 'redis://x', timeout: 4s}\nlimits: {plugin_timeout: 5s}\n")
+
+
 def test_plugin_backend_memory_overrides_a_redis_state_backend() -> None:
     text = BASE + "state: {backend: redis, url: 'redis://127.0.0.1:1/0', max_keys: 1024}\n"
     text += "routes: [{name: r, upstream: b, plugins: [{rate_limit: {rate: 1/s}}, "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import hiredis
+
 from gateway.config.model import StateConfig
 from gateway.state import CLOSED, LOCAL, OK, OPEN
 from gateway.state.gcra import Limit
@@ -184,3 +186,63 @@ async def test_sentinel_url_finds_the_master(redis: RedisServer) -> None:
             await backend.close()
     finally:
         sentinel.stop()
+
+
+async def test_keys_that_are_not_valid_utf8_are_hashed_not_fatal(redis: RedisServer) -> None:
+    # A lone surrogate (a JSON claim can carry one) cannot be encoded as UTF-8.
+    backend = await started(redis)
+    try:
+        buckets = backend.buckets(HOURLY)
+        for key in ("\ud800", "x" * 200 + "\udcff"):
+            verdict = await buckets.take(key, 1)
+            assert verdict.allowed and verdict.mode == OK
+        assert backend.healthy and backend.errors == 0
+        assert redis.command("KEYS", "gw:rl:*").count(b"gw:rl:{") == 2
+    finally:
+        await backend.close()
+
+
+class ScriptlessRedis(asyncio.Protocol):
+    """A fault injector speaking RESP: a server that has lost its scripts and then stalls
+    on ``SCRIPT LOAD`` (what a Redis restarting and then hanging looks like to a client)."""
+
+    stall_loads = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.reader = hiredis.Reader()
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (cmd := self.reader.gets()) is not False:
+            name = cmd[0].upper()
+            if name == b"PING":
+                self.transport.write(b"+PONG\r\n")  # type: ignore[attr-defined]
+            elif name == b"SCRIPT":
+                if not ScriptlessRedis.stall_loads:
+                    self.transport.write(b"$40\r\n" + b"0" * 40 + b"\r\n")  # type: ignore[attr-defined]
+            elif name == b"EVALSHA":
+                self.transport.write(b"-NOSCRIPT No matching script.\r\n")  # type: ignore[attr-defined]
+            else:
+                self.transport.write(b"-ERR unexpected\r\n")  # type: ignore[attr-defined]
+
+
+async def test_a_stalled_script_reload_still_answers_within_the_timeout() -> None:
+    server = await asyncio.get_running_loop().create_server(ScriptlessRedis, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    backend = RedisBackend(StateConfig(backend="redis", url=url, timeout=0.2, nodes=1))
+    try:
+        await backend.start()
+        assert backend.healthy, backend.status()
+        ScriptlessRedis.stall_loads = True
+        started_at = time.monotonic()
+        verdict = await asyncio.wait_for(backend.buckets(HOURLY).take("k", 1), 5)
+        assert verdict.mode == LOCAL and verdict.allowed  # the degraded answer, in time
+        assert time.monotonic() - started_at < 2.0  # bounded by the timeout, not plugin_timeout
+        assert not backend.healthy and backend.last_error == "timeout"
+        assert backend._in_flight == 0  # its slot is free for the next batch
+    finally:
+        ScriptlessRedis.stall_loads = False
+        await backend.close()
+        server.close()

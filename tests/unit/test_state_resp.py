@@ -45,6 +45,10 @@ def test_urls_parse_into_endpoints() -> None:
     assert e.ssl_context() is not None
     e = Endpoint.from_url("unix:///run/redis.sock?db=2")
     assert (e.path, e.db, e.describe()) == ("/run/redis.sock", 2, "/run/redis.sock")
+    e = Endpoint.from_url("redis://10.0.0.9?password=p%2Bw&username=bob&db=4")
+    assert (e.username, e.password, e.db) == ("bob", "p+w", 4)
+    e = Endpoint.from_url("unix://:@/run/my%20redis.sock")
+    assert (e.path, e.password) == ("/run/my redis.sock", None)
     with pytest.raises(ValueError, match="not a standalone Redis URL"):
         Endpoint.from_url("redis+cluster://h:1")
 
