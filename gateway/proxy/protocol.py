@@ -718,6 +718,8 @@ class ClientConnection(asyncio.Protocol):
                 return
         ex.status = status
         ex.response_headers = Headers(headers)
+        if ex.response_extra:
+            headers += ex.response_extra
         chain = ex.route.chain
         framing = conn.framing
         length: bytes | None = None
@@ -864,6 +866,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.keep_alive = False
         else:
             body = reply.body
+        if ex.response_extra:
+            headers += ex.response_extra
         ex.response_headers = Headers(headers)
         if not ex.request_complete and ex.body_kind != BODY_NONE:
             # The rest of the body must be read before the next request: fine when it is
