@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.http.headers import Headers
+from gateway.http.headers import HeaderLines, Headers
 
 if TYPE_CHECKING:
     import asyncio
@@ -118,7 +118,7 @@ class Exchange:
         self.upstream_target: Target | None = None
         self.status = 0
         self.response_headers = Headers()
-        self.response_extra: tuple[tuple[bytes, bytes, bytes], ...] = ()
+        self.response_extra: HeaderLines | None = None
         self.response_started = False
         self.response_chunked = False
         self.bytes_out = 0
@@ -154,15 +154,15 @@ class Exchange:
             self.vars = {}
         self.vars[name] = value
 
-    def add_response_headers(self, items: tuple[tuple[bytes, bytes, bytes], ...]) -> None:
+    def add_response_headers(self, lines: HeaderLines) -> None:
         """Headers for whatever response this exchange gets (the upstream's, or a ``Reply``
-        from any plugin), as ``(lower_name, name, value)`` triples: appended to it before the
-        ``on_response`` hooks run, which see and may edit them. For a request hook whose
-        response headers are decided with the request (no per-request state kept until the
-        response, no response hook to run: the limiter's headers cost ~7k instructions less
-        per request that way, callgrind)."""
+        from any plugin), for a request hook that knows them with the request: no state kept
+        until the response, no response hook to run (the limiter's headers cost ~8k
+        instructions less per request this way than from ``on_response``: callgrind). They
+        follow the response's own headers; when the route has ``on_response`` hooks they
+        are added to ``response_headers`` first, for the hooks to see and edit."""
         extra = self.response_extra
-        self.response_extra = items if not extra else extra + items
+        self.response_extra = lines if extra is None else extra + lines
 
     def note(self, key: str, value: Any) -> None:
         """Record a plugin decision for the access log (e.g. ``note("ratelimit", "limited")``)."""
