@@ -103,12 +103,12 @@ def test_response_hooks_see_and_edit_the_limiter_headers(
     )
     gw = start_gateway(config)
     for left in (1, 0):
-        r = request(gw.port, "GET", "/x")
+        r = request(gw.port, "GET", "/hooked")
         assert r.status == 200
         assert (r.header("ratelimit") or "").startswith(f'"h";r={left};t='), r.headers
         assert r.header("ratelimit-policy") is None  # removed by the headers plugin
         assert r.header("x-seen") == "1"
-    r = request(gw.port, "GET", "/x")
+    r = request(gw.port, "GET", "/hooked")
     assert r.status == 429
     assert (r.header("ratelimit") or "").startswith('"h";r=0;t=')
     assert r.header("ratelimit-policy") is None and r.header("x-seen") == "1"
