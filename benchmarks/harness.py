@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import resource
 import shlex
@@ -124,11 +125,19 @@ class Bench:
 class ProxyUnderTest:
     """A running gateway (N processes on one port) or nginx (master + N workers)."""
 
-    def __init__(self, name: str, port: int, procs: list[Proc], scheme: str = "http") -> None:
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        procs: list[Proc],
+        scheme: str = "http",
+        admin_port: int | None = None,
+    ) -> None:
         self.name = name
         self.port = port
         self.procs = procs
         self.scheme = scheme
+        self.admin_port = admin_port  # the gateway's admin listener
 
     @property
     def url(self) -> str:
@@ -254,7 +263,7 @@ def start_gateway(
             cwd=ROOT,
         )
     ]
-    proxy = ProxyUnderTest("gateway", port, started, "https" if tls else "http")
+    proxy = ProxyUnderTest("gateway", port, started, "https" if tls else "http", admin_port)
     try:
         wait_listening(started, port)
         _wait_ready(started[0], admin_port)
@@ -444,6 +453,39 @@ def summarise(
     return median, ratio, ratio_range
 
 
+def redis_batches(gateway: ProxyUnderTest) -> dict[str, Any] | None:
+    """The Redis limiter's batching so far (its ``/status``, summed over workers)."""
+    if gateway.admin_port is None:
+        return None
+    url = f"http://127.0.0.1:{gateway.admin_port}/status"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        status = json.load(resp)
+    seen: dict[int, dict[str, Any]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("backend") == "redis" and "batches" in node and "pid" in node:
+                seen[node["pid"]] = node
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(status)
+    if not seen:
+        return None
+    checks = sum(n["checks"] for n in seen.values())
+    batches = sum(n["batches"] for n in seen.values())
+    return {
+        "checks": checks,
+        "batches": batches,
+        "avg_batch_size": round(checks / batches, 2) if batches else 0.0,
+        "largest_batch": max(n["largest_batch"] for n in seen.values()),
+        "transport": ", ".join(sorted({str(n.get("transport")) for n in seen.values()})),
+    }
+
+
 def _noise(sample: dict[str, Any]) -> float:
     return max(sample["foreign_util"], sample["load_foreign_util"] or 0.0)
 
@@ -496,6 +538,18 @@ def run_load_scenario(
         quietest = min(attempts, key=lambda p: max(_noise(s) for s in p.values()))
         for proxy_name, sample in quietest.items():
             runs[proxy_name].append(sample)
+    batches = redis_batches(proxies[0]) if scenario.redis else None
+    if batches is not None:
+        print(
+            f"  {name:<16} gateway  Redis batches: {batches['checks']} checks in "
+            f"{batches['batches']} round trips, {batches['avg_batch_size']} on average, "
+            f"largest {batches['largest_batch']} ({batches['transport']})",
+            flush=True,
+        )
+        bench.notes.append(
+            f"{name}: {batches['avg_batch_size']} rate-limit checks per Redis round trip on "
+            f"average (largest {batches['largest_batch']}), over the whole scenario"
+        )
     if settings.py_spy is not None:
         profile_gateway(bench, proxies[0], scenario, conns, name)
     median, ratio, ratio_range = summarise(runs)
@@ -510,6 +564,7 @@ def run_load_scenario(
         "runs": runs,
         "noisy_pairs_rerun": rerun,
         "median": median,
+        "redis_batches": batches,
         "ratio": ratio,
         "ratio_range": ratio_range,
     }
@@ -711,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="run an A B pair again, up to N times, when other processes used more than "
-        f"{NOISE_LIMIT * 100:.0f}%% of the CPUs during it; the quietest is kept (default 1; --quick 0)",
+        f"{NOISE_LIMIT * 100:.0f}%% of the CPUs during it; the quietest is kept "
+        "(default 1; --quick 0)",
     )
     parser.add_argument(
         "--loadgen", choices=["auto", "wrk", "locust"], default="auto", help="default: wrk"

@@ -31,6 +31,7 @@ with ``--targets 1``, the same driving loop without a balancer, for the balancer
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import os
 import pstats
@@ -49,7 +50,7 @@ from gateway.config.load import load_text
 from gateway.observe import AccessLog, Observer
 from gateway.plugin import default_registry
 from gateway.proxy.protocol import ClientConnection
-from gateway.server import ServerState
+from gateway.server import ServerState, tune_gc
 from gateway.upstream.connection import UpstreamConnection
 
 CONFIG = """
@@ -106,10 +107,14 @@ class FakeTransport:
         pass
 
 
+#: The Redis URL the ``rate_limit_redis`` scenario uses (``main`` starts a server and sets it).
+REDIS_URL_ENV = "GATEWAY_HOTPATH_REDIS"
+
 SCENARIOS = (
     "plain",
     "headers",
     "rate_limit",
+    "rate_limit_redis",
     "bearer",
     "jwt",
     "jwt_cold_rs256",
@@ -127,6 +132,12 @@ def scenario_setup(scenario: str) -> tuple[str, bytes]:
     if scenario == "rate_limit":  # the memory backend, draft headers, as in the benchmark
         plugin = "{rate_limit: {key: ip, rate: 1000000/s, backend: memory}}"
         return CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{plugin}]}}"), REQUEST
+    if scenario == "rate_limit_redis":  # a real redis-server (REDIS_URL_ENV), batched checks
+        plugin = "{rate_limit: {key: ip, rate: 1000000/s}}"
+        text = CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{plugin}]}}")
+        # A timeout valgrind's slowness never reaches.
+        url = os.environ[REDIS_URL_ENV]
+        return text + f"state: {{backend: redis, url: '{url}', timeout: 10s}}\n", REQUEST
     import json
 
     from benchmarks import jwt_bench
@@ -185,6 +196,7 @@ async def drive(
         assert active is not None and active.upstream is not None
         active.upstream.data_received(RESPONSE)
     client_transport.writes = 0
+    tune_gc()  # as a worker does once started
     start = time.perf_counter()
     if not targets:
         for _ in range(requests):
@@ -200,6 +212,114 @@ async def drive(
     if client_transport.writes != requests:
         raise RuntimeError(f"{client_transport.writes} responses for {requests} requests")
     return elapsed
+
+
+class _CountingTransport(FakeTransport):
+    """An upstream connection's transport: counts request heads written to it, and tells
+    the driver when all of a round's have been."""
+
+    def __init__(self, round_: _Round) -> None:
+        super().__init__()
+        self.round = round_
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.round.attached()
+
+
+class _Round:
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.done: asyncio.Future[None] | None = None
+
+    def attached(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0 and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+
+async def drive_concurrent(
+    requests: int, concurrency: int, observe: str, tracing: bool, scenario: str
+) -> float:
+    """Proxy ``requests`` GETs in rounds of ``concurrency``: each round feeds one request to
+    each of ``concurrency`` client connections, runs the event loop until every one of them
+    has reached its upstream (an async plugin, say the Redis limiter, batches their checks
+    into one round trip), then feeds the responses. The loop's own work counts, as in a
+    worker under load."""
+    text, request = scenario_setup(scenario)
+    if not tracing:
+        text += "tracing: {enabled: false}\n"
+    config, source = load_text(text, default_registry())
+    runtime = compile_config(config, source)
+    for plugin in runtime.plugins:
+        await plugin.start()
+    access = AccessLog(os.devnull) if observe == "access-log" else None
+    state = ServerState(runtime, None if observe == "off" else Observer(access))
+    round_ = _Round()
+    (target,) = runtime.targets()
+    for _ in range(concurrency):
+        conn = UpstreamConnection(target)
+        conn.connection_made(_CountingTransport(round_))  # type: ignore[arg-type]
+        target.pool.release(conn, state.now)
+    clients = []
+    for _ in range(concurrency):
+        client = ClientConnection(state)
+        client.connection_made(FakeTransport())  # type: ignore[arg-type]
+        clients.append(client)
+    loop = asyncio.get_running_loop()
+    tune_gc()  # as a worker does once started
+
+    async def one_round() -> None:
+        round_.waiting = concurrency
+        round_.done = loop.create_future()
+        for client in clients:
+            client.data_received(request)
+        if round_.waiting:
+            await round_.done
+        for client in clients:
+            client.active.upstream.data_received(RESPONSE)  # type: ignore[union-attr]
+
+    for _ in range(max(1, 100 // concurrency)):  # warm up
+        await one_round()
+    start = time.perf_counter()
+    for _ in range(requests // concurrency):
+        await one_round()
+    elapsed = time.perf_counter() - start
+    if access is not None:
+        access.close()
+    for plugin in runtime.plugins:
+        await plugin.stop()
+    return elapsed
+
+
+def start_redis() -> subprocess.Popen[bytes]:
+    """A throwaway redis-server on a free port, its URL in ``REDIS_URL_ENV``."""
+    import socket
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the rate_limit_redis scenario needs redis-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    os.environ[REDIS_URL_ENV] = f"redis://127.0.0.1:{port}/0"
+    return proc
 
 
 def callgrind_total(module_argv: list[str]) -> int:
@@ -250,47 +370,71 @@ def main() -> int:
         help="balance over this many targets (0: the plain single-target upstream)",
     )
     parser.add_argument("--balancer", default="round_robin", help="with --targets")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="requests in flight per round, through the event loop (0: one at a time, "
+        "synchronously; the rate_limit_redis scenario needs at least 1)",
+    )
     args = parser.parse_args()
+    if args.scenario == "rate_limit_redis" and args.concurrency < 1:
+        parser.error("--scenario rate_limit_redis needs --concurrency N (N >= 1)")
+    if args.concurrency and args.targets:
+        parser.error("--concurrency does not combine with --targets")
     flags = ["--observe", args.observe] + (["--no-tracing"] if args.no_tracing else [])
     if args.scenario != "plain":
         flags += ["--scenario", args.scenario]
     if args.targets:
         flags += ["--targets", str(args.targets), "--balancer", args.balancer]
+    if args.concurrency:
+        flags += ["--concurrency", str(args.concurrency)]
     tracing = not args.no_tracing
-    if args.callgrind:
-        if shutil.which("valgrind") is None:
-            print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
-            return 1
-        n = 3000
-        base, loaded = _instructions(0, flags), _instructions(n, flags)
+
+    def run(requests: int) -> float:
+        if args.concurrency:
+            return uvloop.run(
+                drive_concurrent(requests, args.concurrency, args.observe, tracing, args.scenario)
+            )
+        return uvloop.run(
+            drive(requests, args.observe, tracing, args.scenario, args.targets, args.balancer)
+        )
+
+    redis = None
+    if args.scenario == "rate_limit_redis" and REDIS_URL_ENV not in os.environ:
+        redis = start_redis()
+    try:
+        if args.callgrind:
+            if shutil.which("valgrind") is None:
+                print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+                return 1
+            n = 3000
+            base, loaded = _instructions(0, flags), _instructions(n, flags)
+            print(
+                f"{(loaded - base) / n:,.0f} instructions per proxied request (python side, "
+                f"{' '.join(flags)})"
+            )
+            return 0
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            run(args.requests)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            return 0
+        if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
+            run(0)
+            return 0
+        best = min(run(args.requests) for _ in range(args.runs))
         print(
-            f"{(loaded - base) / n:,.0f} instructions per proxied request (python side, "
-            f"{' '.join(flags)})"
+            f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
+            f"{args.runs})"
         )
         return 0
-    if args.profile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        uvloop.run(
-            drive(args.requests, args.observe, tracing, args.scenario, args.targets, args.balancer)
-        )
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-        return 0
-    if args.requests == 0:  # the setup alone: the baseline that --callgrind subtracts
-        uvloop.run(drive(0, args.observe, tracing, args.scenario, args.targets, args.balancer))
-        return 0
-    best = min(
-        uvloop.run(
-            drive(args.requests, args.observe, tracing, args.scenario, args.targets, args.balancer)
-        )
-        for _ in range(args.runs)
-    )
-    print(
-        f"{best / args.requests * 1e6:.2f} µs per proxied request (python side, best of "
-        f"{args.runs})"
-    )
-    return 0
+    finally:
+        if redis is not None:
+            redis.kill()
+            redis.wait()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ Hooks (each optional; the compiler records which a plugin implements):
     hook allocates no coroutine: when a chain's request hooks are all sync, the request is
     forwarded without creating a task. A sync hook that needs I/O only sometimes (the JWT
     plugin on an unknown key id) may return an awaitable of ``Reply | None`` instead: the
-    rest of the request phase then runs in a task, under the same ``plugin_timeout``.
+    rest of the request phase then runs in a task, under the same ``plugin_timeout``. An
+    ``asyncio.Future`` costs less: the chain goes on in its done callback, without a task
+    (the Redis rate limiter answers this way, its batch's reply resolving the futures).
 ``on_response(ex)``
     Sync. Runs when the response head is known (from the upstream or a ``Reply``), before it is
     written: may edit ``ex.response_headers`` and ``ex.status``. Runs for every plugin whose

@@ -7,6 +7,7 @@ run without creating a coroutine.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ class PluginFailure(Exception):
 
 class Chain:
     __slots__ = (
+        "_after",
         "body_hooks",
         "has_async_request",
         "log_hooks",
@@ -53,6 +55,8 @@ class Chain:
             if "on_log" in hooks:
                 logs.append((pos, plugin, plugin.on_log))  # type: ignore[attr-defined]
         self.request_hooks = tuple(request)
+        #: plugin position -> index in ``request_hooks`` of the hook after that plugin's
+        self._after = {hook[0]: i + 1 for i, hook in enumerate(request)}
         self.has_async_request = any(is_async for *_, is_async in request)
         # Response-side phases run in reverse order: the outermost plugin sees the final word.
         self.response_hooks = tuple(reversed(response))
@@ -61,22 +65,52 @@ class Chain:
         self.rewrites_body = any(type(p).rewrites_body for _, p, _ in body)
 
     # -- request phase ----------------------------------------------------------------------
-    def run_request(self, ex: Exchange) -> Reply | Awaitable[Reply | None] | None:
-        """The request phase when every hook is sync. When a sync hook returns an awaitable
-        (it needs I/O this time), the rest of the phase is returned as an awaitable too: the
-        caller runs it in a task."""
-        for pos, plugin, fn, _ in self.request_hooks:
+    def run_request(
+        self, ex: Exchange, start: int = 0
+    ) -> Reply | Awaitable[Reply | None] | asyncio.Future[Reply | None] | None:
+        """The request phase when every hook is sync, from hook ``start`` on. When a sync hook
+        needs I/O this time it returns an ``asyncio.Future`` or another awaitable:
+
+        - a future is returned as it is, with ``ex.plugins_ran`` set to the position of its
+          plugin: the caller waits for it with a done callback (no task, no coroutine) and
+          then calls ``request_done``;
+        - any other awaitable: the rest of the phase is returned as an awaitable too, which
+          the caller runs in a task."""
+        hooks = self.request_hooks[start:] if start else self.request_hooks
+        for pos, plugin, fn, _ in hooks:
             try:
                 reply = fn(ex)
             except Exception:
                 reply = _failed(plugin, ex, "on_request")
             if reply is not None:
-                if not isinstance(reply, Reply):
-                    return self._resume(ex, pos, plugin, reply)
-                ex.plugins_ran = pos + 1
-                return reply
+                if isinstance(reply, Reply):
+                    ex.plugins_ran = pos + 1
+                    return reply
+                if isinstance(reply, asyncio.Future):
+                    ex.plugins_ran = pos
+                    return reply
+                return self._resume(ex, pos, plugin, reply)
         ex.plugins_ran = len(self.plugins)
         return None
+
+    def request_done(
+        self, ex: Exchange, fut: asyncio.Future[Reply | None]
+    ) -> Reply | Awaitable[Reply | None] | asyncio.Future[Reply | None] | None:
+        """The future a hook returned (see ``run_request``) is done: its reply, or the hooks
+        after it, as ``run_request`` answers."""
+        pos = ex.plugins_ran
+        try:
+            reply = fut.result()
+        except Exception:
+            reply = _failed(self.plugins[pos], ex, "on_request")
+        if reply is not None:
+            ex.plugins_ran = pos + 1
+            return reply
+        after = self._after[pos]
+        if after == len(self.request_hooks):
+            ex.plugins_ran = len(self.plugins)
+            return None
+        return self.run_request(ex, after)
 
     async def run_request_async(self, ex: Exchange, start: int = 0) -> Reply | None:
         hooks = self.request_hooks[start:] if start else self.request_hooks
@@ -104,7 +138,7 @@ class Chain:
         if reply is not None:
             ex.plugins_ran = pos + 1
             return reply
-        after = next(i for i, hook in enumerate(self.request_hooks) if hook[0] == pos) + 1
+        after = self._after[pos]
         if after == len(self.request_hooks):
             ex.plugins_ran = len(self.plugins)
             return None

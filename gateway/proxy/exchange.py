@@ -132,7 +132,8 @@ class Exchange:
         self.upstream_since = 0.0
         self.plugins_ran = 0
         self.plugins_since = 0.0  # when the async request plugins started
-        self.task: asyncio.Task[None] | None = None
+        #: what the exchange waits on (a task, or a request hook's future); cancelled if it ends
+        self.task: asyncio.Future[Any] | None = None
         self.done = False
         self.user: str | None = None
         # A verified client certificate (gateway.tls) shows as tls.client_* variables.

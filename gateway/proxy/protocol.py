@@ -30,6 +30,7 @@ clock, not by a timer per connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -544,13 +545,40 @@ class ClientConnection(asyncio.Protocol):
             if reply is not None:
                 if isinstance(reply, Reply):
                     self.send_reply(ex, reply)
-                else:  # a sync hook needs I/O this time: the rest of the phase in a task
+                else:  # a sync hook needs I/O this time
                     ex.plugins_since = self.server.now
-                    ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex, reply))
+                    self._wait_plugins(ex, reply)
                 return
         else:
             ex.plugins_ran = len(chain.plugins)
         self._forward(ex)
+
+    def _wait_plugins(self, ex: Exchange, pending: Awaitable[Reply | None]) -> None:
+        """Go on when a request hook's I/O is done: a future with a done callback, any other
+        awaitable in a task. Either is ``ex.task``, cancelled if the exchange ends first."""
+        if isinstance(pending, asyncio.Future):
+            ex.task = pending
+            pending.add_done_callback(functools.partial(self._plugins_resumed, ex))
+        else:
+            ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex, pending))
+
+    def _plugins_resumed(self, ex: Exchange, fut: asyncio.Future[Reply | None]) -> None:
+        if fut.cancelled() or ex.task is not fut:
+            return
+        ex.task = None
+        if ex.done or self.closed:
+            return
+        assert ex.route is not None
+        try:
+            reply = ex.route.chain.request_done(ex, fut)
+            if reply is None:
+                self._forward(ex)
+            elif isinstance(reply, Reply):
+                self.send_reply(ex, reply)
+            else:
+                self._wait_plugins(ex, reply)
+        except Exception:
+            self._task_failed(ex)
 
     async def _run_plugins(
         self, ex: Exchange, pending: Awaitable[Reply | None] | None = None

@@ -169,17 +169,17 @@ def _bulk_int(n: int) -> bytes:
 
 
 class _Batch:
-    __slots__ = ("expired", "items", "payload", "retried", "timer")
+    __slots__ = ("answered", "items", "payload", "retried", "timer")
 
     def __init__(self) -> None:
         self.items: list[Item] = []
         self.timer: asyncio.TimerHandle | None = None
         self.payload = b""
-        self.expired = False  # answered by the degraded mode after the timeout
+        self.answered = False  # every check has had its verdict (all are answered together)
         self.retried = False  # sent again after NOSCRIPT
 
 
-Item = tuple["RedisBuckets", str, int, "asyncio.Future[Verdict]"]
+Item = tuple["RedisBuckets", str, int, Callable[[Verdict], None]]
 Done = Callable[[_Batch, Any], None]
 
 
@@ -464,6 +464,7 @@ class RedisBuckets(Buckets):
 class RedisBackend(StateBackend):
     kind = "redis"
     synchronous = False
+    loop: asyncio.AbstractEventLoop  # set by start(); checks are queued only once started
 
     def __init__(self, config: StateConfig) -> None:
         assert config.url is not None
@@ -499,6 +500,7 @@ class RedisBackend(StateBackend):
     async def start(self) -> None:
         assert self.config.url is not None
         self._closed = False
+        self.loop = asyncio.get_running_loop()
         self._node_id = f"{socket.gethostname()}:{runinfo.run_dir()}"
         self._link = make_link(self.config.url, self.timeout)
         if self.on_error == LOCAL:
@@ -523,7 +525,7 @@ class RedisBackend(StateBackend):
         for task in (self._probe, self._heartbeat, *self._tasks):
             if task is not None:
                 task.cancel()
-        self._fail_pending(StateError("closing"))
+        self._fail_pending()
         if self._link is not None:
             with contextlib.suppress(Exception):
                 await self._link.close()
@@ -560,7 +562,7 @@ class RedisBackend(StateBackend):
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]
         if self.healthy or self._probe is None or self._probe.done():
             self._set_healthy(False)
-            self._fail_pending(StateError(self.last_error))
+            self._fail_pending()
             if not self._closed and (self._probe is None or self._probe.done()):
                 self._probe = asyncio.get_running_loop().create_task(self._reconnect())
 
@@ -593,7 +595,8 @@ class RedisBackend(StateBackend):
         self.nodes_observed = max(1, int(n))
 
     # -- degraded answers ------------------------------------------------------------------------
-    def _degraded(self, buckets: RedisBuckets, key: str, cost: int) -> Verdict:
+    def degraded(self, buckets: RedisBuckets, key: str, cost: int) -> Verdict:
+        """The answer of the degraded mode (``on_error``); no I/O."""
         mode = self.on_error
         if mode == OPEN:
             return Verdict(True, [], buckets.limits, OPEN)
@@ -608,25 +611,29 @@ class RedisBackend(StateBackend):
 
     async def take(self, buckets: RedisBuckets, key: str, cost: int) -> Verdict:
         if not self.healthy:
-            return self._degraded(buckets, key, cost)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Verdict] = loop.create_future()
+            return self.degraded(buckets, key, cost)
+        fut: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self.enqueue(buckets, key, cost, fut.set_result)
+        return await fut
+
+    def enqueue(
+        self, buckets: RedisBuckets, key: str, cost: int, on_done: Callable[[Verdict], None]
+    ) -> None:
+        """``take`` without a coroutine: ``on_done(verdict)`` is called exactly once, from a
+        later loop iteration (the reply, or the degraded mode after an error or the
+        timeout). Only while ``healthy``; otherwise ask ``_degraded`` directly."""
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch()
-            batch.timer = loop.call_later(self.timeout, self._expire, batch)
+            batch.timer = self.loop.call_later(self.timeout, self._expire, batch)
         items = batch.items
-        items.append((buckets, key, cost, fut))
+        items.append((buckets, key, cost, on_done))
         if len(items) >= MAX_BATCH:
             self._ready.append(batch)
             self._batch = None
         if not self._flush_scheduled and self._in_flight < MAX_IN_FLIGHT:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        try:
-            return await fut
-        except StateError:
-            return self._degraded(buckets, key, cost)
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -652,21 +659,17 @@ class RedisBackend(StateBackend):
             link.submit(batch, self._sha, self._answered)
 
     def _expire(self, batch: _Batch) -> None:
+        """A batch's timeout: its checks get the degraded mode's answer, now."""
         if batch is self._batch:
             self._batch = None
         with contextlib.suppress(ValueError):
             self._ready.remove(batch)
-        batch.expired = True
-        waiting = [item for item in batch.items if not item[3].done()]
-        if waiting:
+        if not batch.answered:
             self._failed(TimeoutError())
-            err = StateError("timeout")
-            for *_, fut in waiting:
-                if not fut.done():
-                    fut.set_exception(err)
+            self._answer_degraded(batch)
 
-    def _fail_pending(self, err: StateError) -> None:
-        """Answer every check not yet sent (the degraded mode takes them)."""
+    def _fail_pending(self) -> None:
+        """Answer every check not yet sent with the degraded mode."""
         batches = list(self._ready)
         self._ready.clear()
         if self._batch is not None:
@@ -675,16 +678,16 @@ class RedisBackend(StateBackend):
         for batch in batches:
             if batch.timer is not None:
                 batch.timer.cancel()
-            for *_, fut in batch.items:
-                if not fut.done():
-                    fut.set_exception(err)
+            self._answer_degraded(batch)
 
     def _answered(self, batch: _Batch, reply: Any) -> None:
         """A batch's reply (see ``_Link``): hand each check its verdict."""
         self._in_flight -= 1
         if batch.timer is not None:
             batch.timer.cancel()
-        if isinstance(reply, list):
+        if batch.answered:  # timed out already
+            pass
+        elif isinstance(reply, list):
             if self._link is not None and self._link.per_check:
                 self._answer_each(batch, reply)
             else:
@@ -693,43 +696,52 @@ class RedisBackend(StateBackend):
             isinstance(reply, resp.RespError)
             and str(reply).startswith("NOSCRIPT")
             and not batch.retried
-            and not batch.expired
         ):
             # Redis restarted or flushed its scripts: load the script, send the batch again.
             batch.retried = True
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._reload_and_resend(batch))
+            task = self.loop.create_task(self._reload_and_resend(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            exc = reply if isinstance(reply, BaseException) else StateError(repr(reply)[:200])
-            if not batch.expired and self.healthy:
+            if self.healthy and not self._closed:
+                exc = reply if isinstance(reply, BaseException) else ValueError(repr(reply)[:200])
                 self._failed(exc)
-            err = StateError(self.last_error or str(exc))
-            for *_, fut in batch.items:
-                if not fut.done():
-                    fut.set_exception(err)
+            self._answer_degraded(batch)
         pending = self._batch is not None or self._ready
         if pending and not self._flush_scheduled and not self._closed:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def _answer_all(self, batch: _Batch, reply: list[Any]) -> None:
+        batch.answered = True
         i = 0
-        for buckets, _, _, fut in batch.items:
+        for buckets, _, _, on_done in batch.items:
             n = buckets.n
-            if not fut.done():
-                fut.set_result(Verdict(reply[i] == 1, reply[i + 1 : i + 1 + n], buckets.limits, OK))
+            try:
+                on_done(Verdict(reply[i] == 1, reply[i + 1 : i + 1 + n], buckets.limits, OK))
+            except Exception:
+                log.exception("rate-limit verdict callback failed")
             i += 1 + n
 
     def _answer_each(self, batch: _Batch, replies: list[Any]) -> None:
-        for (buckets, _, _, fut), res in zip(batch.items, replies, strict=True):
-            if fut.done():
-                continue
-            if isinstance(res, BaseException):
-                fut.set_exception(StateError(str(res)))
-            else:
-                fut.set_result(Verdict(res[0] == 1, res[1:], buckets.limits, OK))
+        batch.answered = True
+        for (buckets, key, cost, on_done), res in zip(batch.items, replies, strict=True):
+            try:
+                if isinstance(res, BaseException):
+                    on_done(self.degraded(buckets, key, cost))
+                else:
+                    on_done(Verdict(res[0] == 1, res[1:], buckets.limits, OK))
+            except Exception:
+                log.exception("rate-limit verdict callback failed")
+
+    def _answer_degraded(self, batch: _Batch) -> None:
+        batch.answered = True
+        for buckets, key, cost, on_done in batch.items:
+            try:
+                on_done(self.degraded(buckets, key, cost))
+            except Exception:
+                log.exception("rate-limit verdict callback failed")
 
     async def _reload_and_resend(self, batch: _Batch) -> None:
         assert self._link is not None

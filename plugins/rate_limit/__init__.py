@@ -19,6 +19,8 @@ whatever response goes out (the upstream's, the plugin's own 429, another plugin
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 import time
 from typing import Any, Literal
@@ -34,6 +36,7 @@ from gateway.proxy.exchange import Exchange
 from gateway.state import CLOSED, LOCAL, OK, Buckets, StateBackend, Verdict
 from gateway.state.gcra import TICKS_PER_SECOND, Limit, parse_rate, reset_after, retry_after
 from gateway.state.memory import SLOT_CACHE_SIZE, LocalBuckets
+from gateway.state.redis import RedisBackend, RedisBuckets
 from gateway.state.shm import SharedTable, Slot
 from plugins.rate_limit.keys import compile_key
 
@@ -181,6 +184,8 @@ class RateLimitPlugin(Plugin):
         self.reject_missing = config.missing_key == "reject"
         self.global_scope = config.scope == "global"
         self._started = False
+        #: where RedisRateLimitPlugin's allowed fast path leaves the wait for on_response
+        self._var = f"ratelimit.{id(self)}"
         mode = config.headers
         self.draft_headers = mode in ("draft", "both")
         self.legacy_headers = mode in ("legacy", "both")
@@ -302,6 +307,14 @@ class RateLimitPlugin(Plugin):
         return Reply.error("rate_limited", headers=((b"retry-after", b"%d" % seconds),))
 
     # -- response headers -----------------------------------------------------------------------
+    def on_response(self, ex: Exchange) -> None:
+        """The headers of RedisRateLimitPlugin's allowed single-limit fast path, which leaves
+        the wait in ``ex.vars`` (every other decision adds its headers when it is made, with
+        ``ex.add_response_headers``; the memory plugin has no response hook at all)."""
+        wait = ex.var(self._var)
+        if wait is not None and self._emit:
+            ex.response_headers.items.extend(self._single_headers(wait).items)
+
     def _single_headers(self, wait: int) -> HeaderLines:
         """The headers for a single limit whose bucket is ``wait`` ticks ahead of now."""
         lim = self.limits[0]
@@ -357,6 +370,11 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
     ~700, so: a plugin whose buckets do not depend on the route finds a key's slot by the
     extracted value alone (``_slot_of``: ``ex.client_ip`` is one string per connection,
     hashed once), calls the table directly, and bumps the counter's value inline."""
+
+    #: No response hook: the headers are added with the decision (the base class's
+    #: on_response serves RedisRateLimitPlugin's fast path only; implemented_hooks() skips a
+    #: hook set to None). Running it for nothing would cost ~2k instructions per request.
+    on_response = None  # type: ignore[assignment]
 
     def __init__(self, config: PluginConfig) -> None:
         super().__init__(config)
@@ -417,16 +435,40 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
 
 
 class RedisRateLimitPlugin(RateLimitPlugin):
-    """``redis`` backend: the check awaits one batched round trip (bounded by the timeout)."""
+    """``redis`` backend: the check joins the loop iteration's batch (one round trip, bounded
+    by the timeout). The hook stays sync: it returns a future that the backend's callback
+    resolves, so a request allocates no task or coroutine. With Redis down, the degraded
+    answer needs no I/O and is returned at once."""
 
-    async def on_request(self, ex: Exchange) -> Reply | None:
+    def on_request(self, ex: Exchange) -> Reply | asyncio.Future[Reply | None] | None:
         key = self._key(ex)
         if key is None:
             return self._missing(ex)
         buckets = self.buckets
         if buckets is None:
             raise RuntimeError("rate_limit used before start()")
-        return self._decide(ex, await buckets.take(key, self.cost))
+        backend = self.backend
+        assert isinstance(backend, RedisBackend) and isinstance(buckets, RedisBuckets)
+        if not backend.healthy:
+            return self._decide(ex, backend.degraded(buckets, key, self.cost))
+        out: asyncio.Future[Reply | None] = backend.loop.create_future()
+        backend.enqueue(buckets, key, self.cost, functools.partial(self._verdict, ex, out))
+        return out
+
+    def _verdict(self, ex: Exchange, out: asyncio.Future[Reply | None], verdict: Verdict) -> None:
+        if out.done():  # the exchange ended while it waited
+            return
+        if verdict.allowed and verdict.mode == OK and self._single:
+            # As the memory fast path: the wait alone, for on_response's single-limit path.
+            ex.set_var(self._var, verdict.waits[0])
+            child = self._allowed_child
+            if child is None:
+                self._count(ex, _ALLOWED)
+            else:
+                child.inc()
+            out.set_result(None)
+        else:
+            out.set_result(self._decide(ex, verdict))
 
 
 __all__ = ["DECISIONS", "RateLimitConfig", "RateLimitPlugin"]

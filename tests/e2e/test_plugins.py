@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,37 @@ class AsyncWork(Plugin):
         return None
 
 
+class FutureWork(Plugin):
+    """A sync request hook that needs I/O: returns a future resolved a moment later (from a
+    timer), the way the Redis rate limiter answers; the chain continues without a task."""
+
+    name = "tp_future"
+    Config = AsyncConfig
+
+    def on_request(self, ex):
+        header = ex.headers.get
+        fut = asyncio.get_running_loop().create_future()
+        if self.config.hang_when and header(self.config.hang_when.encode()):
+            return fut  # never resolved
+        if self.config.raise_when and header(self.config.raise_when.encode()):
+            asyncio.get_running_loop().call_later(
+                0.005, fut.set_exception, RuntimeError("boom in a future")
+            )
+            return fut
+        if self.config.reply_when and header(self.config.reply_when.encode()):
+            reply = Reply(203, b"answered by a future", content_type=b"text/plain")
+            asyncio.get_running_loop().call_later(0.005, fut.set_result, reply)
+            return fut
+
+        def done():
+            if not fut.done():
+                ex.headers.add(b"x-future", b"resolved")
+                fut.set_result(None)
+
+        asyncio.get_running_loop().call_later(0.005, done)
+        return fut
+
+
 class ShortConfig(PluginConfig):
     status: int = 418
     log_file: str = ""
@@ -517,6 +549,7 @@ ENTRY_POINTS = """\
 [gateway.plugins]
 tp_mark = thirdparty_gw_plugins:Mark
 tp_async = thirdparty_gw_plugins:AsyncWork
+tp_future = thirdparty_gw_plugins:FutureWork
 tp_short = thirdparty_gw_plugins:Short
 tp_boom = thirdparty_gw_plugins:Boom
 tp_upper = thirdparty_gw_plugins:Upper
@@ -600,6 +633,20 @@ def tgw(
                 [
                     {"tp_mark": {"label": "a"}},
                     {"tp_async": {"raise_when": "x-async-raise"}},
+                    {"tp_mark": {"label": "b"}},
+                ],
+            ),
+            _tp_route(
+                "future",
+                [
+                    {"tp_mark": {"label": "a"}},
+                    {
+                        "tp_future": {
+                            "raise_when": "x-future-raise",
+                            "reply_when": "x-future-reply",
+                            "hang_when": "x-future-hang",
+                        }
+                    },
                     {"tp_mark": {"label": "b"}},
                 ],
             ),
@@ -722,10 +769,10 @@ def test_reply_short_circuits_the_chain_and_the_upstream(
 
 
 def test_async_hook_can_short_circuit(tgw: GatewayProcess, upstream: UpstreamProcess) -> None:
-    resp = request(tgw.port, "GET", "/async-short/x", headers=[("x-answer-here", "1")])
+    resp = request(tgw.port, "GET", "/async-short/answered", headers=[("x-answer-here", "1")])
     assert resp.status == 202 and resp.body == b"answered after await"
     assert resp.header_all("x-mark-resp") == ["before-async", "global"]
-    assert upstream_saw(upstream, "/x") == []
+    assert upstream_saw(upstream, "/answered") == []
     passed = request(tgw.port, "GET", "/async-short/y")
     assert passed.status == 200
     assert [v for n, v in seen_headers(passed) if n == "x-mark"] == [
@@ -769,6 +816,50 @@ def test_exception_in_async_request_hook_fail_closed(
     assert resp.header_all("x-mark-resp") == ["a", "global"]
     assert upstream_saw(upstream, "/async-raise") == []
     assert request(tgw.port, "GET", "/chain/echo").status == 200
+
+
+def test_a_hook_future_continues_the_chain_without_a_task(
+    tgw: GatewayProcess, upstream: UpstreamProcess
+) -> None:
+    passed = request(tgw.port, "GET", "/future/y")
+    assert passed.status == 200
+    # the hooks after the future's ran once it resolved, in order
+    assert [v for n, v in seen_headers(passed) if n in ("x-mark", "x-future")] == [
+        "global",
+        "a",
+        "resolved",
+        "b",
+    ]
+    assert passed.header_all("x-mark-resp") == ["b", "a", "global"]
+    # a future resolved with a Reply short-circuits; the plugin after it does not run
+    short = request(tgw.port, "GET", "/future/z", headers=[("x-future-reply", "1")])
+    assert short.status == 203 and short.body == b"answered by a future"
+    assert short.header_all("x-mark-resp") == ["a", "global"]
+    assert upstream_saw(upstream, "/z") == []
+    # a future that fails is a plugin failure (fail closed), as a hook that raises
+    failed = request(tgw.port, "GET", "/future/w", headers=[("x-future-raise", "1")])
+    assert failed.status == 500 and failed.json()["error"]["code"] == "plugin_error"
+    assert failed.header_all("x-mark-resp") == ["a", "global"]
+    assert upstream_saw(upstream, "/w") == []
+
+
+def test_pipelined_requests_through_a_hook_future_stay_in_order(tgw: GatewayProcess) -> None:
+    raw = b"".join(
+        b"GET /future/p%d HTTP/1.1\r\nHost: t\r\n%s\r\n"
+        % (i, b"x-future-reply: 1\r\n" if i % 2 else b"")
+        for i in range(6)
+    )
+    responses = parse_responses(raw_exchange(tgw.port, raw))
+    assert [r.status for r in responses] == [200, 203, 200, 203, 200, 203]
+    assert [r.json()["target"] for r in responses[::2]] == ["/p0", "/p2", "/p4"]
+
+
+def test_client_gone_while_a_hook_future_waits(tgw: GatewayProcess) -> None:
+    with socket.create_connection(("127.0.0.1", tgw.port)) as sock:
+        sock.sendall(b"GET /future/gone HTTP/1.1\r\nHost: t\r\nx-future-hang: 1\r\n\r\n")
+        time.sleep(0.1)
+    assert tgw.alive()
+    assert request(tgw.port, "GET", "/future/after").status == 200
 
 
 def test_exception_in_request_hook_fail_open(tgw: GatewayProcess) -> None:
@@ -941,12 +1032,16 @@ def test_start_and_stop_run_once_per_worker(
     ]
 
 
+@pytest.mark.parametrize("plugin", ["tp_async", "tp_future"])
 def test_async_plugin_that_never_finishes_gets_plugin_timeout(
-    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess], plugin_pkg: Path
+    upstream: UpstreamProcess,
+    start_gateway: Callable[..., GatewayProcess],
+    plugin_pkg: Path,
+    plugin: str,
 ) -> None:
     config = {
         "upstreams": {"backend": {"targets": [{"url": upstream.url}]}},
-        "routes": [_tp_route("slow", [{"tp_async": {"hang_when": "x-hang"}}])],
+        "routes": [_tp_route("slow", [{plugin: {"hang_when": "x-hang"}}])],
         "limits": {"plugin_timeout": "1s"},
     }
     g = start_gateway(config, extra_env=plugin_env(plugin_pkg))
