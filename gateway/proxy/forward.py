@@ -195,12 +195,15 @@ def response_head(
     fwd: Forwarding,
     date: bytes,
     connection: bytes | None = None,
+    extra: bytes = b"",
 ) -> bytes:
     """Serialise ``ex.status`` and ``ex.response_headers`` for the client.
 
     ``content_length`` is the value to send (``None``: none); ``chunked`` adds
     ``Transfer-Encoding: chunked``; ``connection`` is the upstream's ``Connection`` value,
-    whose listed names are dropped. Connection handling follows ``ex.keep_alive``.
+    whose listed names are dropped; ``extra`` is header lines written after the response's
+    own (``HeaderLines.raw``, checked when built). Connection handling follows
+    ``ex.keep_alive``.
     """
     status = ex.status
     if 100 <= status < 600:
@@ -230,6 +233,8 @@ def response_head(
         elif lname == rid_name:
             has_rid = True
         parts += (raw, b": ", value, b"\r\n")
+    if extra:
+        parts.append(extra)
     if content_length is not None:
         parts += (b"content-length: ", content_length, b"\r\n")
     if chunked:

@@ -747,6 +747,10 @@ class ClientConnection(asyncio.Protocol):
         ex.status = status
         ex.response_headers = Headers(headers)
         chain = ex.route.chain
+        extra = ex.response_extra
+        if extra is not None and chain.response_hooks:  # for the hooks to see
+            headers += extra.items
+            extra = None
         framing = conn.framing
         length: bytes | None = None
         chunked = False
@@ -776,6 +780,7 @@ class ClientConnection(asyncio.Protocol):
             self.runtime.forwarding,
             self.server.date_header,
             conn.connection_value,
+            b"" if extra is None else extra.raw,
         )
 
     def flush_held(self) -> None:
@@ -892,6 +897,10 @@ class ClientConnection(asyncio.Protocol):
                 ex.keep_alive = False
         else:
             body = reply.body
+        extra = ex.response_extra
+        if extra is not None and ex.route is not None and ex.route.chain.response_hooks:
+            headers += extra.items  # for the hooks to see
+            extra = None
         ex.response_headers = Headers(headers)
         if not ex.request_complete and ex.body_kind != BODY_NONE:
             # The rest of the body must be read before the next request: fine when it is
@@ -913,7 +922,14 @@ class ClientConnection(asyncio.Protocol):
         no_body = has_no_body(ex.status, ex.method)
         length = None if ex.status == 204 or ex.status < 200 else str(len(body)).encode()
         ex.response_started = True
-        head = response_head(ex, length, False, self.runtime.forwarding, self.server.date_header)
+        head = response_head(
+            ex,
+            length,
+            False,
+            self.runtime.forwarding,
+            self.server.date_header,
+            extra=b"" if extra is None else extra.raw,
+        )
         self._write(head if no_body else head + body)
         ex.bytes_out = 0 if no_body else len(body)
         self._finished(ex)

@@ -51,34 +51,30 @@ def close_table(table: SharedTable) -> None:
 class LocalBuckets(Buckets):
     """Buckets in the node's shared table, addressed by ``key|limit name``."""
 
-    __slots__ = ("_one", "_slots", "mode", "table")
+    __slots__ = ("_one", "mode", "slot_cache", "table")
 
     def __init__(self, table: SharedTable, limits: tuple[Limit, ...], mode: str = OK) -> None:
         super().__init__(limits)
         self.table = table
         self.mode = mode
-        self._slots: dict[str, tuple[Slot, ...]] = {}
+        self.slot_cache: dict[str, tuple[Slot, ...]] = {}
         self._one = limits[0] if len(limits) == 1 else None
 
-    def _fill(self, key: str) -> tuple[Slot, ...]:
-        if len(self._slots) >= SLOT_CACHE_SIZE:
-            self._slots.clear()
+    def slots(self, key: str) -> tuple[Slot, ...]:
+        """The key's slots, one per limit. Hot callers look in ``slot_cache`` first (the
+        same dict for the life of these buckets: cleared, never replaced)."""
+        found = self.slot_cache.get(key)
+        if found is not None:
+            return found
+        if len(self.slot_cache) >= SLOT_CACHE_SIZE:
+            self.slot_cache.clear()
         slot = self.table.slot
         found = tuple(slot(f"{key}|{limit.name}".encode()) for limit in self.limits)
-        self._slots[key] = found
+        self.slot_cache[key] = found
         return found
 
-    def take1(self, key: str, cost: int) -> tuple[bool, int]:
-        """``take_now`` for a single limit, with no Verdict: ``(allowed, wait)``."""
-        slots = self._slots.get(key)
-        if slots is None:
-            slots = self._fill(key)
-        return self.table.take1(slots[0], time.monotonic_ns() // 1000, cost, self.limits[0])
-
     def take_now(self, key: str, cost: int) -> Verdict:
-        slots = self._slots.get(key)
-        if slots is None:
-            slots = self._fill(key)
+        slots = self.slot_cache.get(key) or self.slots(key)
         now = time.monotonic_ns() // 1000
         one = self._one
         if one is not None:

@@ -209,9 +209,11 @@ class SharedTable:
     # -- operations ---------------------------------------------------------------------------
     def take1(self, slot: Slot, now: int, cost: int, limit: Limit) -> tuple[bool, int]:
         """GCRA take on one bucket: ``(allowed, wait)`` as ``gcra.take`` does. The hot path:
-        with the hint right, two word compares, one read, two writes under the lock."""
+        with the hint right, two word compares, one read, one write under the lock."""
         q = self.words
-        if not self.acquire(True, STUCK_LOCK_TIMEOUT):
+        # Uncontended, a non-blocking try is enough, and it skips the deadline computation
+        # that a timeout costs (~100 instructions, callgrind).
+        if not self.acquire(False) and not self.acquire(True, STUCK_LOCK_TIMEOUT):
             self._stuck()
         try:
             i = slot.hint

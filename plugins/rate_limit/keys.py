@@ -5,13 +5,15 @@ of the core), ``route``, ``header:<name>``, ``api_key[:<header>]`` (default head
 ``x-api-key``; the value is hashed before it is used, so secrets never reach Redis key names or
 logs), ``jwt:sub`` (the identity an auth plugin established, ``ex.user``), ``jwt:<claim>``
 (from the verified claims, ``ex.var("jwt.claims")``), or a list of these (a composite key).
-An extractor returns None when its part is missing.
+An extractor returns None or ``""`` when its part is missing (``ip`` and ``jwt:sub`` are
+attribute getters, ~500 instructions cheaper per request than a Python function).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from operator import attrgetter
 
 from gateway.http.headers import is_token
 from gateway.proxy.exchange import Exchange
@@ -19,17 +21,9 @@ from gateway.proxy.exchange import Exchange
 Extractor = Callable[[Exchange], str | None]
 
 
-def _ip(ex: Exchange) -> str | None:
-    return ex.client_ip or None
-
-
 def _route(ex: Exchange) -> str | None:
     route = ex.route
     return route.name if route is not None else None
-
-
-def _jwt_sub(ex: Exchange) -> str | None:
-    return ex.user or None
 
 
 def _header(name: bytes) -> Extractor:
@@ -68,7 +62,7 @@ def compile_part(spec: str) -> tuple[Extractor, str]:
     kind, _, arg = spec.strip().partition(":")
     kind = kind.lower()
     if kind == "ip" and not arg:
-        return _ip, "client ip"
+        return attrgetter("client_ip"), "client ip"
     if kind == "route" and not arg:
         return _route, "route"
     if kind in ("header", "api_key"):
@@ -81,7 +75,7 @@ def compile_part(spec: str) -> tuple[Extractor, str]:
         return make(name), f"header {arg.strip().lower()}"
     if kind == "jwt" and arg:
         if arg == "sub":
-            return _jwt_sub, "JWT subject"
+            return attrgetter("user"), "JWT subject"
         return _claim(arg), f"JWT claim {arg}"
     raise ValueError(
         f"key {spec!r}: expected ip, route, header:<name>, api_key[:<header>], jwt:sub, "
@@ -105,7 +99,7 @@ def compile_key(specs: str | list[str]) -> tuple[Extractor, str]:
         values = []
         for extract in extractors:
             v = extract(ex)
-            if v is None:
+            if not v:
                 return None
             values.append(v)
         return "\x1f".join(values)

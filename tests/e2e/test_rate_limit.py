@@ -92,6 +92,28 @@ def test_headers_follow_the_remaining_budget_request_by_request(
     assert r.header("ratelimit-policy") == '"hourly";q=4;w=3600'
 
 
+def test_response_hooks_see_and_edit_the_limiter_headers(
+    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # The limiter's headers are made with its decision (Exchange.add_response_headers); a
+    # route with an on_response hook gets them as response_headers, for the hook to edit.
+    edits = {"response": {"remove": ["ratelimit-policy"], "set": {"x-seen": "1"}}}
+    config = proxy_config(
+        upstream.url, plugins=[{"headers": edits}, {"rate_limit": {"rate": "2/h", "name": "h"}}]
+    )
+    gw = start_gateway(config)
+    for left in (1, 0):
+        r = request(gw.port, "GET", "/hooked")
+        assert r.status == 200
+        assert (r.header("ratelimit") or "").startswith(f'"h";r={left};t='), r.headers
+        assert r.header("ratelimit-policy") is None  # removed by the headers plugin
+        assert r.header("x-seen") == "1"
+    r = request(gw.port, "GET", "/hooked")
+    assert r.status == 429
+    assert (r.header("ratelimit") or "").startswith('"h";r=0;t=')
+    assert r.header("ratelimit-policy") is None and r.header("x-seen") == "1"
+
+
 def test_several_limits_and_header_emission_off(
     upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
 ) -> None:

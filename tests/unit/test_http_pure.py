@@ -9,6 +9,7 @@ import pytest
 from gateway.http.errors import ERRORS, error_body
 from gateway.http.headers import (
     HOP_BY_HOP,
+    HeaderLines,
     Headers,
     connection_tokens,
     is_chunked_only,
@@ -282,3 +283,20 @@ def test_error_table() -> None:
     for code, (status, message) in ERRORS.items():
         assert 400 <= status < 600 and message, code
         assert code.isidentifier() and code == code.lower()
+
+
+def test_header_lines_are_checked_and_serialised() -> None:
+    lines = HeaderLines.of([(b"RateLimit", b'"a";r=1;t=2'), (b"X-Tag", b"b")])
+    assert lines.items == (
+        (b"ratelimit", b"RateLimit", b'"a";r=1;t=2'),
+        (b"x-tag", b"X-Tag", b"b"),
+    )
+    assert lines.raw == b'RateLimit: "a";r=1;t=2\r\nX-Tag: b\r\n'
+    both = lines + HeaderLines.of([(b"X-More", b"c")])
+    assert both.raw == lines.raw + b"X-More: c\r\n" and len(both.items) == 3
+    for name in (b"Content-Length", b"Connection", b"Date", b"Via", b"bad name", b""):
+        with pytest.raises(ValueError, match="cannot be added"):
+            HeaderLines.of([(name, b"1")])
+    for value in (b"a\r\nX-Injected: 1", b"a\nb", b"a\0"):
+        with pytest.raises(ValueError, match="line break or NUL"):
+            HeaderLines.of([(b"X-Tag", value)])
