@@ -132,7 +132,7 @@ def request_head(
     parts = [ex.method, b" ", path]
     if ex.query:
         parts += (b"?", ex.query)
-    elif b"?" in ex.url:  # "/a?" stays "/a?": an empty query is still the client's
+    elif 63 in ex.url:  # b"?" (an int needle is cheaper); "/a?" stays "/a?": the client's
         parts.append(b"?")
     parts.append(b" HTTP/1.1\r\n")
     xff: list[bytes] = []
