@@ -137,7 +137,7 @@ def scenario_setup(scenario: str) -> tuple[str, bytes]:
         text = CONFIG.replace("upstream: b}", f"upstream: b, plugins: [{plugin}]}}")
         # A timeout valgrind's slowness never reaches.
         url = os.environ[REDIS_URL_ENV]
-        return text + f"state: {{backend: redis, url: '{url}', timeout: 10s}}\n", REQUEST
+        return text + f"state: {{backend: redis, url: '{url}', timeout: 9s}}\n", REQUEST
     import json
 
     from benchmarks import jwt_bench

@@ -105,11 +105,21 @@ class HeaderLines:
     constructor checks nothing: it is for a hot path that assembles both forms from parts
     it checked once (the rate limiter: constant names, formatted numbers)."""
 
-    __slots__ = ("items", "raw")
+    __slots__ = ("_items", "raw")
 
-    def __init__(self, items: tuple[tuple[bytes, bytes, bytes], ...], raw: bytes) -> None:
-        self.items = items
+    def __init__(self, items: tuple[tuple[bytes, bytes, bytes], ...] | None, raw: bytes) -> None:
+        """``items=None``: derived from ``raw`` when first asked for (only a route with
+        ``on_response`` hooks asks), so a hot path need only build the bytes."""
+        self._items = items
         self.raw = raw
+
+    @property
+    def items(self) -> tuple[tuple[bytes, bytes, bytes], ...]:
+        items = self._items
+        if items is None:
+            pairs = [line.split(b": ", 1) for line in self.raw.split(b"\r\n") if line]
+            items = self._items = tuple((n.lower(), n, v) for n, v in pairs)
+        return items
 
     @classmethod
     def of(cls, pairs: Sequence[tuple[bytes, bytes]]) -> HeaderLines:
@@ -126,7 +136,9 @@ class HeaderLines:
         )
 
     def __add__(self, other: HeaderLines) -> HeaderLines:
-        return HeaderLines(self.items + other.items, self.raw + other.raw)
+        if self._items is None or other._items is None:
+            return HeaderLines(None, self.raw + other.raw)
+        return HeaderLines(self._items + other._items, self.raw + other.raw)
 
     def __repr__(self) -> str:
         return f"<HeaderLines {self.raw!r}>"

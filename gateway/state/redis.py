@@ -733,13 +733,12 @@ class RedisBackend(StateBackend):
         if isinstance(reply, list):
             try:
                 if self._link is not None and self._link.per_check:
-                    verdicts = self._verdicts_each(batch, reply)
+                    self._deliver(batch, self._verdicts_each(batch, reply))
                 else:
-                    verdicts = self._verdicts_all(batch, reply)
+                    self._deliver_all(batch, reply)
             except Exception as bad:
                 reply = ValueError(f"unexpected reply from Redis: {bad!r}"[:200])
             else:
-                self._deliver(batch, verdicts)
                 reply = None
         if reply is not None:
             if self.healthy and not self._closed:
@@ -754,19 +753,21 @@ class RedisBackend(StateBackend):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    def _verdicts_all(self, batch: _Batch, reply: list[Any]) -> list[Verdict]:
-        out = []
+    def _deliver_all(self, batch: _Batch, reply: list[Any]) -> None:
+        """The script's flat reply: per check, admitted (1/0) then its waits. Checked whole
+        before anyone is answered (a short reply raises, and the batch goes degraded)."""
+        items = batch.items
+        if len(reply) != len(items) + sum(buckets.n for buckets, *_ in items):
+            raise IndexError(f"{len(reply)} values for {len(items)} checks")
+        batch.answered = True
         i = 0
-        for buckets, _, _, _ in batch.items:
+        for buckets, _, _, on_done in items:
             n = buckets.n
-            waits = reply[i + 1 : i + 1 + n]
-            if len(waits) != n:
-                raise IndexError("reply too short")
-            out.append(Verdict(reply[i] == 1, waits, buckets.limits, OK))
+            try:
+                on_done(Verdict(reply[i] == 1, reply[i + 1 : i + 1 + n], buckets.limits, OK))
+            except Exception:
+                log.exception("rate-limit verdict callback failed")
             i += 1 + n
-        if i != len(reply):
-            raise IndexError("reply too long")
-        return out
 
     def _verdicts_each(self, batch: _Batch, replies: list[Any]) -> list[Verdict]:
         out = []

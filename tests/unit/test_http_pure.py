@@ -300,3 +300,14 @@ def test_header_lines_are_checked_and_serialised() -> None:
     for value in (b"a\r\nX-Injected: 1", b"a\nb", b"a\0"):
         with pytest.raises(ValueError, match="line break or NUL"):
             HeaderLines.of([(b"X-Tag", value)])
+
+
+def test_header_lines_built_from_bytes_alone_give_their_items_on_demand() -> None:
+    lazy = HeaderLines(None, b"RateLimit-Policy: q=1\r\nX-Odd: a: b\r\n")
+    assert lazy.items == (
+        (b"ratelimit-policy", b"RateLimit-Policy", b"q=1"),
+        (b"x-odd", b"X-Odd", b"a: b"),
+    )
+    both = HeaderLines.of([(b"X-A", b"1")]) + HeaderLines(None, b"X-B: 2\r\n")
+    assert both.raw == b"X-A: 1\r\nX-B: 2\r\n"
+    assert both.items == ((b"x-a", b"X-A", b"1"), (b"x-b", b"X-B", b"2"))
