@@ -107,7 +107,7 @@ class Chain:
             ex.plugins_ran = pos + 1
             return reply
         after = self._after[pos]
-        if after == len(self.request_hooks):
+        if after == len(self.request_hooks):  # the last hook (saves a call on the Redis path)
             ex.plugins_ran = len(self.plugins)
             return None
         return self.run_request(ex, after)
@@ -138,11 +138,7 @@ class Chain:
         if reply is not None:
             ex.plugins_ran = pos + 1
             return reply
-        after = self._after[pos]
-        if after == len(self.request_hooks):
-            ex.plugins_ran = len(self.plugins)
-            return None
-        return await self.run_request_async(ex, after)
+        return await self.run_request_async(ex, self._after[pos])  # none left: None
 
     # -- response phases --------------------------------------------------------------------
     def run_response(self, ex: Exchange) -> None:
