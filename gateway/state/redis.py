@@ -197,6 +197,8 @@ class _Link:
     or an exception (the whole batch failed)."""
 
     per_check = False
+    #: where it is connected, for /status ("" when unknown: Cluster, or not yet connected)
+    server = ""
 
     async def open(self) -> None:
         raise NotImplementedError
@@ -254,8 +256,10 @@ class RespLink(_Link):
     async def open(self) -> None:
         resp.close_quietly(self.conn)
         self.conn = None
-        conn = await resp.connect(await self._where())
+        where = await self._where()
+        conn = await resp.connect(where)
         self.conn = conn
+        self.server = where.describe()
         await conn.call("PING")
 
     async def call(self, *args: Any) -> Any:
@@ -840,6 +844,7 @@ class RedisBackend(StateBackend):
             checks=self.checks,
             avg_batch_size=round(self.checks / self.batches, 2) if self.batches else 0.0,
             largest_batch=self.largest_batch,
+            server=self._link.server if self._link is not None else "",
             transport="redis-py cluster pipeline"
             if isinstance(self._link, ClusterLink)
             else "resp",

@@ -179,6 +179,7 @@ async def test_sentinel_url_finds_the_master(redis: RedisServer) -> None:
         await backend.start()
         try:
             assert backend.healthy, backend.status()
+            assert backend.status()["server"] == f"127.0.0.1:{redis.port}"  # the master
             verdict = await backend.buckets(HOURLY).take("via-sentinel", 1)
             assert verdict.allowed and verdict.mode == OK
             assert b"gw:rl:{via-sentinel}:h" in redis.command("KEYS", "gw:rl:*")

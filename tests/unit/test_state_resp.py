@@ -154,6 +154,7 @@ def test_backend_with_a_password_url_on_uvloop(secured: RedisServer) -> None:
         await backend.start()
         try:
             assert backend.healthy, backend.status()
+            assert backend.status()["server"] == f"127.0.0.1:{secured.port}"
             buckets = backend.buckets((Limit(3, 60, 3, "m"),))
             verdicts = await asyncio.gather(*(buckets.take("k", 1) for _ in range(5)))
             assert [v.allowed for v in verdicts] == [True, True, True, False, False]
