@@ -15,8 +15,12 @@ Hooks (each optional; the compiler records which a plugin implements):
     forwarded without creating a task. A sync hook that needs I/O only sometimes (the JWT
     plugin on an unknown key id) may return an awaitable of ``Reply | None`` instead: the
     rest of the request phase then runs in a task, under the same ``plugin_timeout``. An
-    ``asyncio.Future`` costs less: the chain goes on in its done callback, without a task
-    (the Redis rate limiter answers this way, its batch's reply resolving the futures).
+    ``asyncio.Future`` costs less: the chain goes on in its done callback, without a task.
+    ``DEFERRED`` costs least (the Redis rate limiter answers this way): the hook keeps the
+    exchange and, from a later callback (never from within the hook), calls
+    ``ex.resume(reply)``, or ``ex.resume_failed(exc)`` for a failure; the chain goes on right
+    there, with no future, no task and no extra loop iteration. An exchange that ended
+    meanwhile (client gone, ``plugin_timeout``) ignores it.
 ``on_response(ex)``
     Sync. Runs when the response head is known (from the upstream or a ``Reply``), before it is
     written: may edit ``ex.response_headers`` and ``ex.status``. Runs for every plugin whose
@@ -109,6 +113,28 @@ class Reply:
 
     def __repr__(self) -> str:
         return f"<Reply {self.status} {self.code or ''}>"
+
+
+class Deferred:
+    """The type of ``DEFERRED``: what a sync ``on_request`` returns when its answer comes
+    later, through ``ex.resume(reply)`` / ``ex.resume_failed(exc)`` (see the module's
+    docstring). While the exchange waits it is ``ex.task``, so it answers ``done()`` and
+    ``cancel()`` as a future would: the exchange ending "cancels" it, and a later ``resume``
+    finds it gone."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+DEFERRED = Deferred()
 
 
 class Plugin:

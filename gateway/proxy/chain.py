@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gateway.plugin import Plugin, Reply, implemented_hooks
+from gateway.plugin import DEFERRED, Deferred, Plugin, Reply, implemented_hooks
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.plugin")
 
 Hook = Callable[..., Any]
+#: What the request phase answers: go on (None), a reply, or what to wait for.
+Pending = Reply | Awaitable[Reply | None] | asyncio.Future[Reply | None] | Deferred | None
 
 
 class PluginFailure(Exception):
@@ -65,15 +67,14 @@ class Chain:
         self.rewrites_body = any(type(p).rewrites_body for _, p, _ in body)
 
     # -- request phase ----------------------------------------------------------------------
-    def run_request(
-        self, ex: Exchange, start: int = 0
-    ) -> Reply | Awaitable[Reply | None] | asyncio.Future[Reply | None] | None:
+    def run_request(self, ex: Exchange, start: int = 0) -> Pending:
         """The request phase when every hook is sync, from hook ``start`` on. When a sync hook
-        needs I/O this time it returns an ``asyncio.Future`` or another awaitable:
+        needs I/O this time it returns ``DEFERRED``, an ``asyncio.Future`` or another
+        awaitable:
 
-        - a future is returned as it is, with ``ex.plugins_ran`` set to the position of its
-          plugin: the caller waits for it with a done callback (no task, no coroutine) and
-          then calls ``request_done``;
+        - ``DEFERRED`` or a future is returned as it is, with ``ex.plugins_ran`` set to the
+          position of its plugin: the caller waits for ``ex.resume`` or the future's done
+          callback (no task, no coroutine), then calls ``request_done``;
         - any other awaitable: the rest of the phase is returned as an awaitable too, which
           the caller runs in a task."""
         hooks = self.request_hooks[start:] if start else self.request_hooks
@@ -86,23 +87,19 @@ class Chain:
                 if isinstance(reply, Reply):
                     ex.plugins_ran = pos + 1
                     return reply
-                if isinstance(reply, asyncio.Future):
+                if reply is DEFERRED or isinstance(reply, asyncio.Future):
                     ex.plugins_ran = pos
                     return reply
                 return self._resume(ex, pos, plugin, reply)
         ex.plugins_ran = len(self.plugins)
         return None
 
-    def request_done(
-        self, ex: Exchange, fut: asyncio.Future[Reply | None]
-    ) -> Reply | Awaitable[Reply | None] | asyncio.Future[Reply | None] | None:
-        """The future a hook returned (see ``run_request``) is done: its reply, or the hooks
-        after it, as ``run_request`` answers."""
+    def request_done(self, ex: Exchange, reply: Reply | None, exc: Exception | None) -> Pending:
+        """The hook that ``run_request`` stopped at has answered (``reply``, or ``exc`` when
+        it failed): that reply, or the hooks after it, as ``run_request`` answers."""
         pos = ex.plugins_ran
-        try:
-            reply = fut.result()
-        except Exception:
-            reply = _failed(self.plugins[pos], ex, "on_request")
+        if exc is not None:
+            reply = _failed(self.plugins[pos], ex, "on_request", exc)
         if reply is not None:
             ex.plugins_ran = pos + 1
             return reply
@@ -118,7 +115,8 @@ class Chain:
             try:
                 reply = (await fn(ex)) if is_async else fn(ex)
                 if reply is not None and not isinstance(reply, Reply):
-                    reply = await reply  # a sync hook that needed I/O this time
+                    # a sync hook that needed I/O this time
+                    reply = await (ex.wait_deferred() if reply is DEFERRED else reply)
             except Exception:
                 reply = _failed(plugin, ex, "on_request")
             if reply is not None:
@@ -179,12 +177,16 @@ class Chain:
 EMPTY_CHAIN = Chain(())
 
 
-def _failed(plugin: Plugin, ex: Exchange, hook: str) -> Reply | None:
+def _failed(
+    plugin: Plugin, ex: Exchange, hook: str, exc: BaseException | None = None
+) -> Reply | None:
+    """A hook raised (in an ``except`` block), or failed with ``exc`` (a deferred answer)."""
     plugin.errors += 1
-    log.exception(
+    log.error(
         "plugin %s failed in %s",
         plugin.name,
         hook,
+        exc_info=exc or True,
         extra={"request_id": ex.request_id, "plugin": plugin.name, "hook": hook},
     )
     if plugin.fail_open:

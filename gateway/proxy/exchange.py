@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.http.headers import HeaderLines, Headers
+from gateway.plugin import DEFERRED, Deferred
 
 if TYPE_CHECKING:
-    import asyncio
-
+    from gateway.plugin import Reply
     from gateway.proxy.protocol import ClientConnection
     from gateway.proxy.router import Route
     from gateway.upstream.connection import UpstreamConnection
@@ -85,6 +86,7 @@ class Exchange:
         "url",
         "user",
         "vars",
+        "waiter",
     )
 
     #: Set on the first retry only (gateway.upstream.retry); read with getattr.
@@ -132,8 +134,11 @@ class Exchange:
         self.upstream_since = 0.0
         self.plugins_ran = 0
         self.plugins_since = 0.0  # when the async request plugins started
-        #: what the exchange waits on (a task, or a request hook's future); cancelled if it ends
-        self.task: asyncio.Future[Any] | None = None
+        #: what the exchange waits on (a task, a request hook's future, or ``DEFERRED``: a
+        #: hook's ``resume``); cancelled if it ends
+        self.task: asyncio.Future[Any] | Deferred | None = None
+        #: in a chain run as a task, the future that a ``DEFERRED`` hook's ``resume`` resolves
+        self.waiter: asyncio.Future[Any] | None = None
         self.done = False
         self.user: str | None = None
         # A verified client certificate (gateway.tls) shows as tls.client_* variables.
@@ -164,6 +169,36 @@ class Exchange:
         are added to ``response_headers`` first, for the hooks to see and edit."""
         extra = self.response_extra
         self.response_extra = lines if extra is None else extra + lines
+
+    def resume(self, reply: Reply | None) -> None:
+        """The answer of a request hook that returned ``DEFERRED``: the request phase goes
+        on from here (the next hook, the upstream, or this reply). Call it once, from a later
+        callback; if the exchange ended meanwhile it does nothing."""
+        if self.task is DEFERRED:
+            self.task = None
+            if not self.done:
+                self.conn.plugins_resumed(self, reply, None)
+        elif self.waiter is not None:
+            waiter, self.waiter = self.waiter, None
+            if not waiter.done():
+                waiter.set_result(reply)
+
+    def resume_failed(self, exc: Exception) -> None:
+        """As ``resume``, for a hook that failed: handled as an exception raised by the hook
+        (counted, logged, then its ``failure_mode``)."""
+        if self.task is DEFERRED:
+            self.task = None
+            if not self.done:
+                self.conn.plugins_resumed(self, None, exc)
+        elif self.waiter is not None:
+            waiter, self.waiter = self.waiter, None
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    def wait_deferred(self) -> asyncio.Future[Any]:
+        """In a chain run as a task: the future a ``DEFERRED`` hook's ``resume`` resolves."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        return self.waiter
 
     def note(self, key: str, value: Any) -> None:
         """Record a plugin decision for the access log (e.g. ``note("ratelimit", "limited")``)."""

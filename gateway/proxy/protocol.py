@@ -49,8 +49,8 @@ from gateway.http.headers import (
 )
 from gateway.http.status import has_no_body
 from gateway.http.target import needs_normalising, normalise_path, split_target
-from gateway.plugin import Reply
-from gateway.proxy.chain import PluginFailure
+from gateway.plugin import DEFERRED, Reply
+from gateway.proxy.chain import Pending, PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
 from gateway.tls import describe_ssl_error, is_handshake_failure, upstream_tls_failed
@@ -556,30 +556,42 @@ class ClientConnection(asyncio.Protocol):
             ex.plugins_ran = len(chain.plugins)
         self._forward(ex)
 
-    def _wait_plugins(self, ex: Exchange, pending: Awaitable[Reply | None]) -> None:
-        """Go on when a request hook's I/O is done: a future with a done callback, any other
-        awaitable in a task. Either is ``ex.task``, cancelled if the exchange ends first."""
-        if isinstance(pending, asyncio.Future):
+    def _wait_plugins(self, ex: Exchange, pending: Pending) -> None:
+        """Go on when a request hook's I/O is done: ``DEFERRED`` when the hook calls
+        ``ex.resume``, a future in its done callback, any other awaitable in a task. Each is
+        ``ex.task``, cancelled if the exchange ends first."""
+        if pending is DEFERRED:
+            ex.task = DEFERRED
+        elif isinstance(pending, asyncio.Future):
             ex.task = pending
-            pending.add_done_callback(functools.partial(self._plugins_resumed, ex))
+            pending.add_done_callback(functools.partial(self._future_resumed, ex))
         else:
-            ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex, pending))
+            awaitable = cast(Awaitable[Reply | None], pending)
+            ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex, awaitable))
 
-    def _plugins_resumed(self, ex: Exchange, fut: asyncio.Future[Reply | None]) -> None:
+    def _future_resumed(self, ex: Exchange, fut: asyncio.Future[Reply | None]) -> None:
         if fut.cancelled() or ex.task is not fut:
             return
         ex.task = None
+        exc = fut.exception()
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt and the like are not a plugin's failure
+        self.plugins_resumed(ex, None if exc is not None else fut.result(), exc)
+
+    def plugins_resumed(self, ex: Exchange, reply: Reply | None, exc: Exception | None) -> None:
+        """The request hook the chain stopped at has answered (``Exchange.resume``, or its
+        future): the hooks after it, then the upstream or a reply."""
         if ex.done or self.closed:
             return
         assert ex.route is not None
         try:
-            reply = ex.route.chain.request_done(ex, fut)
-            if reply is None:
+            nxt = ex.route.chain.request_done(ex, reply, exc)
+            if nxt is None:
                 self._forward(ex)
-            elif isinstance(reply, Reply):
-                self.send_reply(ex, reply)
+            elif isinstance(nxt, Reply):
+                self.send_reply(ex, nxt)
             else:
-                self._wait_plugins(ex, reply)
+                self._wait_plugins(ex, nxt)
         except Exception:
             self._task_failed(ex)
 

@@ -316,7 +316,7 @@ import asyncio
 import json
 from typing import Literal
 
-from gateway.plugin import Plugin, PluginConfig, Reply
+from gateway.plugin import DEFERRED, Plugin, PluginConfig, Reply
 
 
 def _record(log_file, **fields):
@@ -401,6 +401,35 @@ class FutureWork(Plugin):
 
         asyncio.get_running_loop().call_later(0.005, done)
         return fut
+
+
+class DeferredWork(Plugin):
+    """FutureWork with DEFERRED: the hook returns it and answers a moment later through
+    ex.resume / ex.resume_failed (no future, no task)."""
+
+    name = "tp_deferred"
+    Config = AsyncConfig
+
+    def on_request(self, ex):
+        header = ex.headers.get
+        loop = asyncio.get_running_loop()
+        if self.config.hang_when and header(self.config.hang_when.encode()):
+            return DEFERRED  # never resumed
+        if self.config.raise_when and header(self.config.raise_when.encode()):
+            loop.call_later(0.005, ex.resume_failed, RuntimeError("boom, deferred"))
+            return DEFERRED
+        if self.config.reply_when and header(self.config.reply_when.encode()):
+            reply = Reply(203, b"answered by a future", content_type=b"text/plain")
+            loop.call_later(0.005, ex.resume, reply)
+            return DEFERRED
+
+        def done():
+            ex.headers.add(b"x-future", b"resolved")
+            ex.resume(None)
+            ex.resume(None)  # a second answer is ignored
+
+        loop.call_later(0.005, done)
+        return DEFERRED
 
 
 class ShortConfig(PluginConfig):
@@ -550,6 +579,7 @@ ENTRY_POINTS = """\
 tp_mark = thirdparty_gw_plugins:Mark
 tp_async = thirdparty_gw_plugins:AsyncWork
 tp_future = thirdparty_gw_plugins:FutureWork
+tp_deferred = thirdparty_gw_plugins:DeferredWork
 tp_short = thirdparty_gw_plugins:Short
 tp_boom = thirdparty_gw_plugins:Boom
 tp_upper = thirdparty_gw_plugins:Upper
@@ -642,6 +672,34 @@ def tgw(
                     {"tp_mark": {"label": "a"}},
                     {
                         "tp_future": {
+                            "raise_when": "x-future-raise",
+                            "reply_when": "x-future-reply",
+                            "hang_when": "x-future-hang",
+                        }
+                    },
+                    {"tp_mark": {"label": "b"}},
+                ],
+            ),
+            _tp_route(
+                "deferred",
+                [
+                    {"tp_mark": {"label": "a"}},
+                    {
+                        "tp_deferred": {
+                            "raise_when": "x-future-raise",
+                            "reply_when": "x-future-reply",
+                            "hang_when": "x-future-hang",
+                        }
+                    },
+                    {"tp_mark": {"label": "b"}},
+                ],
+            ),
+            _tp_route(  # an async hook too: the chain runs as a task, DEFERRED still works
+                "deferred-async",
+                [
+                    {"tp_async": {}},
+                    {
+                        "tp_deferred": {
                             "raise_when": "x-future-raise",
                             "reply_when": "x-future-reply",
                             "hang_when": "x-future-hang",
@@ -818,10 +876,11 @@ def test_exception_in_async_request_hook_fail_closed(
     assert request(tgw.port, "GET", "/chain/echo").status == 200
 
 
+@pytest.mark.parametrize("route", ["future", "deferred"])
 def test_a_hook_future_continues_the_chain_without_a_task(
-    tgw: GatewayProcess, upstream: UpstreamProcess
+    tgw: GatewayProcess, upstream: UpstreamProcess, route: str
 ) -> None:
-    passed = request(tgw.port, "GET", "/future/y")
+    passed = request(tgw.port, "GET", f"/{route}/y")
     assert passed.status == 200
     # the hooks after the future's ran once it resolved, in order
     assert [v for n, v in seen_headers(passed) if n in ("x-mark", "x-future")] == [
@@ -832,21 +891,43 @@ def test_a_hook_future_continues_the_chain_without_a_task(
     ]
     assert passed.header_all("x-mark-resp") == ["b", "a", "global"]
     # a future resolved with a Reply short-circuits; the plugin after it does not run
-    short = request(tgw.port, "GET", "/future/z", headers=[("x-future-reply", "1")])
+    short = request(tgw.port, "GET", f"/{route}/z", headers=[("x-future-reply", "1")])
     assert short.status == 203 and short.body == b"answered by a future"
     assert short.header_all("x-mark-resp") == ["a", "global"]
     assert upstream_saw(upstream, "/z") == []
     # a future that fails is a plugin failure (fail closed), as a hook that raises
-    failed = request(tgw.port, "GET", "/future/w", headers=[("x-future-raise", "1")])
+    failed = request(tgw.port, "GET", f"/{route}/w", headers=[("x-future-raise", "1")])
     assert failed.status == 500 and failed.json()["error"]["code"] == "plugin_error"
     assert failed.header_all("x-mark-resp") == ["a", "global"]
     assert upstream_saw(upstream, "/w") == []
 
 
-def test_pipelined_requests_through_a_hook_future_stay_in_order(tgw: GatewayProcess) -> None:
+def test_deferred_hook_in_a_chain_run_as_a_task(
+    tgw: GatewayProcess, upstream: UpstreamProcess
+) -> None:
+    passed = request(tgw.port, "GET", "/deferred-async/y2")
+    assert passed.status == 200
+    assert [v for n, v in seen_headers(passed) if n in ("x-async", "x-future", "x-mark")] == [
+        "global",
+        "from-thread",
+        "resolved",
+        "b",
+    ]
+    short = request(tgw.port, "GET", "/deferred-async/z2", headers=[("x-future-reply", "1")])
+    assert short.status == 203 and short.body == b"answered by a future"
+    assert upstream_saw(upstream, "/z2") == []
+    failed = request(tgw.port, "GET", "/deferred-async/w2", headers=[("x-future-raise", "1")])
+    assert failed.status == 500 and failed.json()["error"]["code"] == "plugin_error"
+    assert upstream_saw(upstream, "/w2") == []
+
+
+@pytest.mark.parametrize("route", ["future", "deferred"])
+def test_pipelined_requests_through_a_hook_future_stay_in_order(
+    tgw: GatewayProcess, route: str
+) -> None:
     raw = b"".join(
-        b"GET /future/p%d HTTP/1.1\r\nHost: t\r\n%s\r\n"
-        % (i, b"x-future-reply: 1\r\n" if i % 2 else b"")
+        b"GET /%s/p%d HTTP/1.1\r\nHost: t\r\n%s\r\n"
+        % (route.encode(), i, b"x-future-reply: 1\r\n" if i % 2 else b"")
         for i in range(6)
     )
     responses = parse_responses(raw_exchange(tgw.port, raw))
@@ -854,12 +935,15 @@ def test_pipelined_requests_through_a_hook_future_stay_in_order(tgw: GatewayProc
     assert [r.json()["target"] for r in responses[::2]] == ["/p0", "/p2", "/p4"]
 
 
-def test_client_gone_while_a_hook_future_waits(tgw: GatewayProcess) -> None:
+@pytest.mark.parametrize("route", ["future", "deferred"])
+def test_client_gone_while_a_hook_future_waits(tgw: GatewayProcess, route: str) -> None:
     with socket.create_connection(("127.0.0.1", tgw.port)) as sock:
-        sock.sendall(b"GET /future/gone HTTP/1.1\r\nHost: t\r\nx-future-hang: 1\r\n\r\n")
+        sock.sendall(
+            b"GET /%s/gone HTTP/1.1\r\nHost: t\r\nx-future-hang: 1\r\n\r\n" % route.encode()
+        )
         time.sleep(0.1)
     assert tgw.alive()
-    assert request(tgw.port, "GET", "/future/after").status == 200
+    assert request(tgw.port, "GET", f"/{route}/after").status == 200
 
 
 def test_exception_in_request_hook_fail_open(tgw: GatewayProcess) -> None:
@@ -1032,7 +1116,7 @@ def test_start_and_stop_run_once_per_worker(
     ]
 
 
-@pytest.mark.parametrize("plugin", ["tp_async", "tp_future"])
+@pytest.mark.parametrize("plugin", ["tp_async", "tp_future", "tp_deferred"])
 def test_async_plugin_that_never_finishes_gets_plugin_timeout(
     upstream: UpstreamProcess,
     start_gateway: Callable[..., GatewayProcess],
