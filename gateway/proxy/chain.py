@@ -33,6 +33,7 @@ class Chain:
         "_after",
         "body_hooks",
         "has_async_request",
+        "last_request_pos",
         "log_hooks",
         "plugins",
         "request_hooks",
@@ -60,6 +61,9 @@ class Chain:
         #: plugin position -> index in ``request_hooks`` of the hook after that plugin's
         self._after = {hook[0]: i + 1 for i, hook in enumerate(request)}
         self.has_async_request = any(is_async for *_, is_async in request)
+        #: the position of the plugin with the last request hook (-1: none): when that hook's
+        #: deferred answer is None, the request phase is over (``request_done``'s answer)
+        self.last_request_pos = request[-1][0] if request else -1
         # Response-side phases run in reverse order: the outermost plugin sees the final word.
         self.response_hooks = tuple(reversed(response))
         self.body_hooks = tuple(reversed(body))

@@ -546,7 +546,10 @@ class ClientConnection(asyncio.Protocol):
                 return
             reply = chain.run_request(ex)
             if reply is not None:
-                if isinstance(reply, Reply):
+                if reply is DEFERRED:  # _wait_plugins(), inlined for the Redis limiter
+                    ex.plugins_since = self.server.now
+                    ex.task = DEFERRED
+                elif isinstance(reply, Reply):
                     self.send_reply(ex, reply)
                 else:  # a sync hook needs I/O this time
                     ex.plugins_since = self.server.now
@@ -584,8 +587,13 @@ class ClientConnection(asyncio.Protocol):
         if ex.done or self.closed:
             return
         assert ex.route is not None
+        chain = ex.route.chain
         try:
-            nxt = ex.route.chain.request_done(ex, reply, exc)
+            if reply is None and exc is None and ex.plugins_ran == chain.last_request_pos:
+                ex.plugins_ran = len(chain.plugins)  # request_done()'s answer, without a call
+                self._forward(ex)
+                return
+            nxt = chain.request_done(ex, reply, exc)
             if nxt is None:
                 self._forward(ex)
             elif isinstance(nxt, Reply):

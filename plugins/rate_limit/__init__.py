@@ -19,7 +19,6 @@ whatever response goes out (the upstream's, the plugin's own 429, another plugin
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from typing import Any, Literal
@@ -460,6 +459,7 @@ class RedisRateLimitPlugin(RateLimitPlugin):
         self._key_of: dict[str, str] = {}
         #: wait -> the single-limit headers for it
         self._headers_of: dict[int, HeaderLines] = {}
+        self._on_verdict = self._verdict  # bound once, not per request
 
     async def start(self) -> None:
         await super().start()
@@ -489,21 +489,24 @@ class RedisRateLimitPlugin(RateLimitPlugin):
             raise RuntimeError("rate_limit used before start()")
         if not backend.healthy:
             return self._decide(ex, backend.degraded(buckets, key, self.cost))
-        backend.enqueue(buckets, key, self.cost, functools.partial(self._verdict, ex))
+        backend.enqueue(buckets, key, self.cost, self._on_verdict, ex)
         return DEFERRED
 
-    def _verdict(self, ex: Exchange, verdict: Verdict) -> None:
-        """The batch's answer for this check: the decision, then ``ex.resume``."""
+    def _verdict(
+        self, ex: Exchange, allowed: bool, waits: list[int], limits: tuple[Limit, ...], mode: str
+    ) -> None:
+        """The batch's answer for this check (a ``Verdict``'s fields): the decision, then
+        ``ex.resume``."""
         if ex.done:  # the client left while it waited
             return
         try:
-            if verdict.allowed and verdict.mode is OK and self._single:
+            if allowed and mode is OK and self._single:
                 # As the memory fast path: the single-limit headers (cached by wait), the
                 # counter bumped inline.
                 if self._emit:
                     # By wait in a small dict: the checks of one batch see the same Redis
                     # time, so a caller's steady requests cycle through a few waits.
-                    wait = verdict.waits[0]
+                    wait = waits[0]
                     lines = self._headers_of.get(wait)
                     if lines is None:
                         if len(self._headers_of) >= HEADER_CACHE_SIZE:
@@ -518,7 +521,7 @@ class RedisRateLimitPlugin(RateLimitPlugin):
                     child.value += 1
                 reply = None
             else:
-                reply = self._decide(ex, verdict)
+                reply = self._decide(ex, Verdict(allowed, waits, limits, mode))
         except Exception as exc:  # the chain treats it as this hook's failure
             ex.resume_failed(exc)
             return
