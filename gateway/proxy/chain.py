@@ -35,10 +35,12 @@ class Chain:
         "has_async_request",
         "last_request_pos",
         "log_hooks",
+        "only_hook",
         "plugins",
         "request_hooks",
         "response_hooks",
         "rewrites_body",
+        "size",
     )
 
     def __init__(self, plugins: Sequence[Plugin]) -> None:
@@ -64,6 +66,12 @@ class Chain:
         #: the position of the plugin with the last request hook (-1: none): when that hook's
         #: deferred answer is None, the request phase is over (``request_done``'s answer)
         self.last_request_pos = request[-1][0] if request else -1
+        #: a lone sync request hook, which the protocol calls itself (``run_request``'s loop
+        #: would cost ~1k instructions more per request): answers go to ``hook_answered``
+        self.only_hook: Hook | None = (
+            request[0][2] if len(request) == 1 and not request[0][3] else None
+        )
+        self.size = len(self.plugins)
         # Response-side phases run in reverse order: the outermost plugin sees the final word.
         self.response_hooks = tuple(reversed(response))
         self.body_hooks = tuple(reversed(body))
@@ -88,15 +96,27 @@ class Chain:
             except Exception:
                 reply = _failed(plugin, ex, "on_request")
             if reply is not None:
-                if isinstance(reply, Reply):
-                    ex.plugins_ran = pos + 1
-                    return reply
-                if reply is DEFERRED or isinstance(reply, asyncio.Future):
+                if reply is DEFERRED:
                     ex.plugins_ran = pos
                     return reply
-                return self._resume(ex, pos, plugin, reply)
+                return self.hook_answered(ex, pos, plugin, reply)
         ex.plugins_ran = len(self.plugins)
         return None
+
+    def hook_answered(self, ex: Exchange, pos: int, plugin: Plugin, reply: Any) -> Pending:
+        """The hook of the plugin at ``pos`` answered something other than None (and than
+        ``DEFERRED``, which callers handle inline): as ``run_request`` answers."""
+        if isinstance(reply, Reply):
+            ex.plugins_ran = pos + 1
+            return reply
+        if reply is DEFERRED or isinstance(reply, asyncio.Future):
+            ex.plugins_ran = pos
+            return reply
+        return self._resume(ex, pos, plugin, reply)
+
+    def only_failed(self, ex: Exchange) -> Reply | None:
+        """``only_hook`` raised (call in the ``except`` block)."""
+        return _failed(self.request_hooks[0][1], ex, "on_request")
 
     def request_done(self, ex: Exchange, reply: Reply | None, exc: Exception | None) -> Pending:
         """The hook that ``run_request`` stopped at has answered (``reply``, or ``exc`` when

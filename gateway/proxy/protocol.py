@@ -538,13 +538,27 @@ class ClientConnection(asyncio.Protocol):
             return
         chain = route.chain
         if chain.request_hooks:
-            if chain.has_async_request:
+            fn = chain.only_hook
+            if fn is not None:  # run_request(), inlined for a lone sync hook
+                try:
+                    reply = fn(ex)
+                except Exception:
+                    reply = chain.only_failed(ex)
+                if reply is None:
+                    ex.plugins_ran = chain.size
+                elif reply is DEFERRED:
+                    ex.plugins_ran = chain.last_request_pos
+                else:
+                    pos = chain.last_request_pos
+                    reply = chain.hook_answered(ex, pos, chain.plugins[pos], reply)
+            elif chain.has_async_request:
                 # plugin_timeout counts from here: time queued behind pipelined requests is
                 # not the plugins'.
                 ex.plugins_since = self.server.now
                 ex.task = asyncio.get_running_loop().create_task(self._run_plugins(ex))
                 return
-            reply = chain.run_request(ex)
+            else:
+                reply = chain.run_request(ex)
             if reply is not None:
                 if reply is DEFERRED:  # _wait_plugins(), inlined for the Redis limiter
                     ex.plugins_since = self.server.now

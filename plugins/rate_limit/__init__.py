@@ -365,6 +365,9 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
         self._local: LocalBuckets | None = None
         self._table: SharedTable | None = None
         self._limit = self.limits[0]
+        #: the single limit's numbers, read by the hot path
+        self._step = self.cost * self._limit.interval
+        self._tolerance = self._limit.tolerance
         #: value -> slot, for a single limit with a fixed scope; bounded like LocalBuckets'
         self._slot_of: dict[str | None, Slot] = {}
 
@@ -402,24 +405,24 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
         # SharedTable.take1(), inlined (a call with its arguments is ~700 instructions, over
         # 10% of this hook): the lock, the slot's words at its hint, one read, one write.
         now = _monotonic_ns() // 1000
-        lim = self._limit
         q = table.words
         if not table.acquire(False) and not table.acquire(True, STUCK_LOCK_TIMEOUT):
             table._stuck()
         try:
             i = slot.hint
-            if q[i] != slot.a or q[i + 1] != slot.b:
+            if q[i] == slot.a and q[i + 1] == slot.b:
+                tat = q[i + 3]
+            else:
                 i = table._find(slot)
-            tat = q[i + 3] if i >= 0 else 0
+                tat = q[i + 3] if i >= 0 else 0
             if tat < now:
                 tat = now
-            new = tat + self.cost * lim.interval
-            allowed = new - now <= lim.tolerance
+            wait = tat + self._step - now
+            allowed = wait <= self._tolerance
             if allowed:
                 if i < 0:
                     i = table._claim(slot, now)
-                q[i + 3] = new
-                wait = new - now
+                q[i + 3] = now + wait
             else:
                 wait = tat - now
         finally:
@@ -442,7 +445,7 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
             return None
         self._count(ex, _LIMITED)
         ex.note("ratelimit", "limited")
-        return self._limited(wait + self.cost * lim.interval - lim.tolerance)
+        return self._limited(wait + self._step - self._tolerance)
 
 
 class RedisRateLimitPlugin(RateLimitPlugin):

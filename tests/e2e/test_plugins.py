@@ -1134,3 +1134,48 @@ def test_async_plugin_that_never_finishes_gets_plugin_timeout(
     assert resp.json()["error"]["code"] == "plugin_timeout"
     assert request(g.port, "GET", "/slow/echo").status == 200  # a request that does not hang
     assert g.alive()
+
+
+def test_a_lone_sync_request_hook_is_called_by_the_protocol_itself(
+    upstream: UpstreamProcess,
+    start_gateway: Callable[..., GatewayProcess],
+    plugin_pkg: Path,
+) -> None:
+    # With one sync request hook and no global plugins, the protocol calls the hook directly
+    # (Chain.only_hook) instead of running the chain's loop: every kind of answer must still
+    # be handled as the loop handles it.
+    answers = {"reply_when": "x-reply", "raise_when": "x-raise"}
+    config = {
+        "upstreams": {"backend": {"targets": [{"url": upstream.url}]}},
+        "routes": [
+            _tp_route("mark", [{"tp_mark": {"label": "only"}}]),
+            _tp_route("closed", [{"tp_boom": {"hook": "request"}}]),
+            _tp_route("open", [{"tp_boom": {"hook": "request", "failure_mode": "open"}}]),
+            _tp_route("short", [{"tp_short": {}}]),
+            _tp_route("future", [{"tp_future": answers}]),
+            _tp_route("deferred", [{"tp_deferred": answers}]),
+        ],
+    }
+    g = start_gateway(config, extra_env=plugin_env(plugin_pkg))
+    marked = request(g.port, "GET", "/mark/m")
+    assert marked.status == 200 and ("x-mark", "only") in seen_headers(marked)
+    assert marked.header_all("x-mark-resp") == ["only"]  # its response hook ran too
+
+    closed = request(g.port, "GET", "/closed/c")
+    assert closed.status == 500 and closed.json()["error"]["code"] == "plugin_error"
+    assert upstream_saw(upstream, "/c") == []
+    opened = request(g.port, "GET", "/open/o")
+    assert opened.status == 200 and opened.json()["target"] == "/o"
+
+    short = request(g.port, "GET", "/short/s")
+    assert short.status == 418 and short.body == b"short-circuited\n"
+    assert short.header_all("x-short-resp") == ["418"]  # the replying plugin's own hook ran
+
+    for route in ("future", "deferred"):
+        assert request(g.port, "GET", f"/{route}/p").status == 200
+        replied = request(g.port, "GET", f"/{route}/r", headers=[("x-reply", "1")])
+        assert replied.status == 203 and replied.body == b"answered by a future"
+        failed = request(g.port, "GET", f"/{route}/f", headers=[("x-raise", "1")])
+        assert failed.status == 500 and failed.json()["error"]["code"] == "plugin_error"
+    assert upstream_saw(upstream, "/r") == [] and upstream_saw(upstream, "/f") == []
+    assert g.alive()
