@@ -593,13 +593,13 @@ class ClientConnection(asyncio.Protocol):
         exc = fut.exception()
         if exc is not None and not isinstance(exc, Exception):
             raise exc  # KeyboardInterrupt and the like are not a plugin's failure
-        self.plugins_resumed(ex, None if exc is not None else fut.result(), exc)
+        if not ex.done:
+            self.plugins_resumed(ex, None if exc is not None else fut.result(), exc)
 
     def plugins_resumed(self, ex: Exchange, reply: Reply | None, exc: Exception | None) -> None:
         """The request hook the chain stopped at has answered (``Exchange.resume``, or its
-        future): the hooks after it, then the upstream or a reply."""
-        if ex.done or self.closed:
-            return
+        future; the caller checked ``ex.done``, which a closed connection sets on all its
+        exchanges): the hooks after it, then the upstream or a reply."""
         assert ex.route is not None
         chain = ex.route.chain
         try:

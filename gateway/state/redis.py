@@ -175,12 +175,13 @@ def _bulk_int(n: int) -> bytes:
 
 
 class _Batch:
-    __slots__ = ("answered", "holds_slot", "items", "payload", "retried", "timer")
+    __slots__ = ("answered", "holds_slot", "items", "payload", "retried", "timer", "values")
 
     def __init__(self) -> None:
         self.items: list[Item] = []
         self.timer: asyncio.TimerHandle | None = None
         self.payload = b""
+        self.values = 0  # the script's reply length: per check, admitted and one wait per limit
         self.answered = False  # every check has had its verdict (all are answered together)
         self.holds_slot = False  # sent, counted in the backend's in-flight batches
         self.retried = False  # sent again after NOSCRIPT
@@ -291,6 +292,7 @@ class RespLink(_Link):
                 _bulk_int(nkeys),
             )
             batch.payload = b"".join((head, *keys, _bulk_int(len(batch.items)), *args))
+            batch.values = len(batch.items) + nkeys  # one key per limit
         conn = self.conn
         try:
             if conn is None:
@@ -770,7 +772,7 @@ class RedisBackend(StateBackend):
         """The script's flat reply: per check, admitted (1/0) then its waits. Checked whole
         before anyone is answered (a short reply raises, and the batch goes degraded)."""
         items = batch.items
-        if len(reply) != len(items) + sum(buckets.n for buckets, *_ in items):
+        if len(reply) != batch.values:
             raise IndexError(f"{len(reply)} values for {len(items)} checks")
         batch.answered = True
         i = 0
