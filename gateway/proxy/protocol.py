@@ -810,14 +810,16 @@ class ClientConnection(asyncio.Protocol):
         if self.server.draining:
             ex.keep_alive = False
         ex.response_started = True
+        fwd = self.runtime.forwarding
         self.held = response_head(
             ex,
             length,
             chunked,
-            self.runtime.forwarding,
+            fwd,
             self.server.date_header,
             conn.connection_value,
             b"" if extra is None else extra.raw,
+            None if chain.response_hooks or conn.odd_headers or not fwd.plain_responses else conn,
         )
 
     def flush_held(self) -> None:

@@ -47,7 +47,27 @@ FRAMING_LENGTH = 1
 FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3  # read until the upstream closes
 
-_FRAMING_HEADERS = {b"content-length": 1, b"transfer-encoding": 2, b"connection": 3}
+#: What a response header is to the proxy (``on_header``). Unlisted names are plain: copied
+#: to the client as they are, so their lines are assembled while parsing (``plain``), and
+#: the client's head needs no second pass over the headers (``forward.response_head``).
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _DATE, _REQUEST_ID, _ODD = range(1, 7)
+_RESPONSE_KINDS = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"date": _DATE,  # plain, but the gateway adds its own when there is none
+    b"x-request-id": _REQUEST_ID,  # likewise (the default request id header)
+    # not copied, or not as they are: the general path (response_head's loop) handles them
+    b"keep-alive": _ODD,
+    b"proxy-connection": _ODD,
+    b"proxy-authenticate": _ODD,
+    b"proxy-authorization": _ODD,
+    b"te": _ODD,
+    b"trailer": _ODD,
+    b"upgrade": _ODD,
+    b"via": _ODD,
+    b"strict-transport-security": _ODD,
+}
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -61,10 +81,14 @@ class UpstreamConnection(asyncio.Protocol):
         "connection_value",
         "exchange",
         "framing",
+        "has_date",
+        "has_request_id",
         "held",
         "idle_since",
         "last_read",
         "length_value",
+        "odd_headers",
+        "plain",
         "requests",
         "response_started",
         "target",
@@ -83,6 +107,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.held: bytes | None = None
         self.length_value: bytes | None = None
         self.connection_value: bytes | None = None
+        #: the response's plain header lines, ready to write (see _RESPONSE_KINDS)
+        self.plain: list[bytes] = []
+        self.has_date = self.has_request_id = False
+        #: a header the plain lines cannot stand for (hop-by-hop, Via, HSTS) was seen
+        self.odd_headers = False
         self._chunked = False
         self._spent = False
         self.response_started = False
@@ -152,6 +181,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_body = False
         self.length_value = None
         self.connection_value = None
+        self.plain = []
+        self.has_date = self.has_request_id = self.odd_headers = False
         self._chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -159,14 +190,23 @@ class UpstreamConnection(asyncio.Protocol):
             return  # headers after the body are trailers: dropped, consistently
         lname = name.lower()
         self._headers.append((lname, name, value))
-        kind = _FRAMING_HEADERS.get(lname)
-        if kind is not None:
-            if kind == 1:
-                self.length_value = value
-            elif kind == 2:
-                self._chunked = value.strip().lower().endswith(b"chunked")
-            else:
-                self.connection_value = value
+        kind = _RESPONSE_KINDS.get(lname)
+        if kind is None:
+            self.plain += (name, b": ", value, b"\r\n")
+        elif kind == _CONTENT_LENGTH:
+            self.length_value = value
+        elif kind == _CONNECTION:
+            self.connection_value = value
+        elif kind == _DATE:
+            self.has_date = True
+            self.plain += (name, b": ", value, b"\r\n")
+        elif kind == _REQUEST_ID:
+            self.has_request_id = True
+            self.plain += (name, b": ", value, b"\r\n")
+        elif kind == _TRANSFER_ENCODING:
+            self._chunked = value.strip().lower().endswith(b"chunked")
+        else:
+            self.odd_headers = True
 
     def on_headers_complete(self) -> None:
         ex = self.exchange

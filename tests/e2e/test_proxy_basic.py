@@ -107,6 +107,23 @@ def test_hop_by_hop_response_headers_are_dropped(gw: GatewayProcess) -> None:
     assert resp.header("via") == "1.1 upstream-proxy, 1.1 gateway"
 
 
+def test_upstream_response_headers_are_copied_once_in_order(gw: GatewayProcess) -> None:
+    # The upstream's own Date and request id stand (the gateway adds neither); its other
+    # fields keep their order and repeats; framing and Connection are the gateway's.
+    with Conn(gw.port) as c:
+        c.send(b"GET /own-headers HTTP/1.1\r\nHost: t\r\n\r\n")
+        resp = c.read_response()
+    assert resp.status == 200 and resp.body == b"own headers"
+    names = [n.lower() for n, _ in resp.headers]
+    assert resp.header_all("date") == ["Mon, 01 Jan 2024 00:00:00 GMT"]
+    assert resp.header_all("x-request-id") == ["from-upstream"]
+    assert resp.header_all("x-plain") == ["a", "b"]
+    assert resp.header_all("content-length") == ["11"]
+    assert "connection" not in names
+    assert names.index("server") < names.index("date") < names.index("x-request-id")
+    assert names.index("x-request-id") < names.index("x-plain")
+
+
 def test_post_with_content_length_body(gw: GatewayProcess) -> None:
     body = b"x" * 100_000
     resp = request(gw.port, "POST", "/echo", body=body)

@@ -29,6 +29,7 @@ brackets):
 /bad                        bytes that are not HTTP
 /head-length                for HEAD: Content-Length 1234 and no body
 /hsts                       200 with its own Strict-Transport-Security header
+/own-headers                200 with its own Date, X-Request-Id, and a repeated header
 """
 
 from __future__ import annotations
@@ -278,6 +279,15 @@ async def respond(
             b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: x-private\r\n"
             b"x-private: secret\r\nkeep-alive: timeout=5\r\nproxy-authenticate: Basic\r\n"
             b"x-kept: yes\r\nvia: 1.1 upstream-proxy\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        return False
+    if path == "/own-headers":
+        body = b"own headers"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nServer: upstream/1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"X-Request-Id: from-upstream\r\nX-Plain: a\r\ncontent-length: %d\r\n"
+            b"Connection: keep-alive\r\nX-Plain: b\r\n\r\n%s" % (len(body), body)
         )
         await writer.drain()
         return False
