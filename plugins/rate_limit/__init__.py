@@ -155,8 +155,8 @@ def _ceil_seconds(ticks: int) -> int:
 
 
 class RateLimitPlugin(Plugin):
-    """The rate limiter. Constructing it yields the sync (memory backend) or the async
-    (redis) variant, so that with ``memory`` the request hook allocates no coroutine.
+    """The rate limiter. Constructing it yields the ``memory`` or the ``redis`` variant (both
+    hooks are sync: the Redis one answers later through ``ex.resume``).
 
     It has no response hook: the headers (RateLimit-Policy, RateLimit, or the legacy ones)
     follow from the decision alone, so they are made with it and handed to the exchange
@@ -450,9 +450,9 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
 
 class RedisRateLimitPlugin(RateLimitPlugin):
     """``redis`` backend: the check joins the loop iteration's batch (one round trip, bounded
-    by the timeout). The hook stays sync: it returns a future that the backend's callback
-    resolves, so a request allocates no task or coroutine. With Redis down, the degraded
-    answer needs no I/O and is returned at once."""
+    by the timeout). The hook stays sync: it returns ``DEFERRED``, and the backend's callback
+    (``_verdict``) decides and calls ``ex.resume``, so a request allocates no task, coroutine
+    or future. With Redis down, the degraded answer needs no I/O and is returned at once."""
 
     def __init__(self, config: PluginConfig) -> None:
         super().__init__(config)
