@@ -18,9 +18,11 @@ Hooks (each optional; the compiler records which a plugin implements):
     ``asyncio.Future`` costs less: the chain goes on in its done callback, without a task.
     ``DEFERRED`` costs least (the Redis rate limiter answers this way): the hook keeps the
     exchange and, from a later callback (never from within the hook), calls
-    ``ex.resume(reply)``, or ``ex.resume_failed(exc)`` for a failure; the chain goes on right
-    there, with no future, no task and no extra loop iteration. An exchange that ended
-    meanwhile (client gone, ``plugin_timeout``) ignores it.
+    ``ex.resume(self, reply)``, or ``ex.resume_failed(self, exc)`` for a failure; the chain
+    goes on right there, with no future, no task and no extra loop iteration. A call for an
+    exchange that is no longer waiting on that plugin does nothing: one that ended meanwhile
+    (client gone, ``plugin_timeout``), or a second answer (say, an I/O reply racing the
+    plugin's own fallback timer: the first wins).
 ``on_response(ex)``
     Sync. Runs when the response head is known (from the upstream or a ``Reply``), before it is
     written: may edit ``ex.response_headers`` and ``ex.status``. Runs for every plugin whose
@@ -117,10 +119,10 @@ class Reply:
 
 class Deferred:
     """The type of ``DEFERRED``: what a sync ``on_request`` returns when its answer comes
-    later, through ``ex.resume(reply)`` / ``ex.resume_failed(exc)`` (see the module's
-    docstring). While the exchange waits it is ``ex.task``, so it answers ``done()`` and
-    ``cancel()`` as a future would: the exchange ending "cancels" it, and a later ``resume``
-    finds it gone."""
+    later, through ``ex.resume(plugin, reply)`` / ``ex.resume_failed(plugin, exc)`` (see the
+    module's docstring). While the exchange waits it is ``ex.task``, so it answers ``done()``
+    and ``cancel()`` as a future would; cancelling does nothing: a later ``resume`` finds the
+    exchange done, or no longer waiting on that plugin, and does nothing either."""
 
     __slots__ = ()
 

@@ -138,9 +138,11 @@ class Chain:
         for pos, plugin, fn, is_async in hooks:
             try:
                 reply = (await fn(ex)) if is_async else fn(ex)
-                if reply is not None and not isinstance(reply, Reply):
-                    # a sync hook that needed I/O this time
-                    reply = await (ex.wait_deferred() if reply is DEFERRED else reply)
+                if reply is DEFERRED:  # answered through ex.resume: wait for it here
+                    ex.plugins_ran = pos  # as the sync chain does (ex.resume checks it)
+                    reply = await ex.wait_deferred()
+                elif reply is not None and not isinstance(reply, Reply):
+                    reply = await reply  # a sync hook that needed I/O this time
             except Exception:
                 reply = _failed(plugin, ex, "on_request")
             if reply is not None:

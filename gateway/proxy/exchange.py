@@ -10,7 +10,7 @@ from gateway.http.headers import HeaderLines, Headers
 from gateway.plugin import DEFERRED, Deferred
 
 if TYPE_CHECKING:
-    from gateway.plugin import Reply
+    from gateway.plugin import Plugin, Reply
     from gateway.proxy.protocol import ClientConnection
     from gateway.proxy.router import Route
     from gateway.upstream.connection import UpstreamConnection
@@ -170,30 +170,41 @@ class Exchange:
         extra = self.response_extra
         self.response_extra = lines if extra is None else extra + lines
 
-    def resume(self, reply: Reply | None) -> None:
-        """The answer of a request hook that returned ``DEFERRED``: the request phase goes
-        on from here (the next hook, the upstream, or this reply). Call it once, from a later
-        callback; if the exchange ended meanwhile it does nothing."""
-        if self.task is DEFERRED:
-            self.task = None
-            if not self.done:
+    def resume(self, plugin: Plugin, reply: Reply | None) -> None:
+        """The answer of ``plugin``'s request hook, which returned ``DEFERRED``: the request
+        phase goes on from here (the next hook, the upstream, or this reply). Call it from a
+        later callback. It does nothing when the exchange is no longer waiting on that
+        plugin: ended meanwhile (client gone, ``plugin_timeout``), or already answered (a
+        second call, which must not answer a later hook's wait)."""
+        if self._waiting_on(plugin):
+            if self.task is DEFERRED:
+                self.task = None
                 self.conn.plugins_resumed(self, reply, None)
-        elif self.waiter is not None:
-            waiter, self.waiter = self.waiter, None
-            if not waiter.done():
-                waiter.set_result(reply)
+            elif self.waiter is not None:
+                waiter, self.waiter = self.waiter, None
+                if not waiter.done():
+                    waiter.set_result(reply)
 
-    def resume_failed(self, exc: Exception) -> None:
+    def resume_failed(self, plugin: Plugin, exc: Exception) -> None:
         """As ``resume``, for a hook that failed: handled as an exception raised by the hook
         (counted, logged, then its ``failure_mode``)."""
-        if self.task is DEFERRED:
-            self.task = None
-            if not self.done:
+        if self._waiting_on(plugin):
+            if self.task is DEFERRED:
+                self.task = None
                 self.conn.plugins_resumed(self, None, exc)
-        elif self.waiter is not None:
-            waiter, self.waiter = self.waiter, None
-            if not waiter.done():
-                waiter.set_exception(exc)
+            elif self.waiter is not None:
+                waiter, self.waiter = self.waiter, None
+                if not waiter.done():
+                    waiter.set_exception(exc)
+
+    def _waiting_on(self, plugin: Plugin) -> bool:
+        # While a hook's answer is awaited, plugins_ran is its plugin's position.
+        route = self.route
+        if self.done or route is None:
+            return False
+        pos = self.plugins_ran
+        plugins = route.chain.plugins
+        return pos < len(plugins) and plugins[pos] is plugin
 
     def wait_deferred(self) -> asyncio.Future[Any]:
         """In a chain run as a task: the future a ``DEFERRED`` hook's ``resume`` resolves."""

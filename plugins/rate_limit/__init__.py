@@ -526,9 +526,9 @@ class RedisRateLimitPlugin(RateLimitPlugin):
             else:
                 reply = self._decide(ex, Verdict(allowed, waits, limits, mode))
         except Exception as exc:  # the chain treats it as this hook's failure
-            ex.resume_failed(exc)
+            ex.resume_failed(self, exc)
             return
-        ex.resume(reply)
+        ex.resume(self, reply)
 
 
 __all__ = ["DECISIONS", "RateLimitConfig", "RateLimitPlugin"]

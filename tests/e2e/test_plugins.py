@@ -416,17 +416,18 @@ class DeferredWork(Plugin):
         if self.config.hang_when and header(self.config.hang_when.encode()):
             return DEFERRED  # never resumed
         if self.config.raise_when and header(self.config.raise_when.encode()):
-            loop.call_later(0.005, ex.resume_failed, RuntimeError("boom, deferred"))
+            loop.call_later(0.005, ex.resume_failed, self, RuntimeError("boom, deferred"))
             return DEFERRED
         if self.config.reply_when and header(self.config.reply_when.encode()):
             reply = Reply(203, b"answered by a future", content_type=b"text/plain")
-            loop.call_later(0.005, ex.resume, reply)
+            loop.call_later(0.005, ex.resume, self, reply)
+            loop.call_later(0.05, ex.resume, self, None)  # a late second answer: ignored
             return DEFERRED
 
         def done():
             ex.headers.add(b"x-future", b"resolved")
-            ex.resume(None)
-            ex.resume(None)  # a second answer is ignored
+            ex.resume(self, None)
+            ex.resume(self, None)  # a second answer: ignored, even if a later hook now waits
 
         loop.call_later(0.005, done)
         return DEFERRED
@@ -1179,3 +1180,29 @@ def test_a_lone_sync_request_hook_is_called_by_the_protocol_itself(
         assert failed.status == 500 and failed.json()["error"]["code"] == "plugin_error"
     assert upstream_saw(upstream, "/r") == [] and upstream_saw(upstream, "/f") == []
     assert g.alive()
+
+
+def test_a_second_resume_does_not_answer_the_next_deferred_hook(
+    upstream: UpstreamProcess,
+    start_gateway: Callable[..., GatewayProcess],
+    plugin_pkg: Path,
+) -> None:
+    # Two DEFERRED hooks in a row; the first answers twice. Its second answer comes while
+    # the second hook waits and must not be taken for that hook's (here a 203).
+    config = {
+        "upstreams": {"backend": {"targets": [{"url": upstream.url}]}},
+        "routes": [
+            _tp_route("two", [{"tp_deferred": {}}, {"tp_deferred": {"reply_when": "x-b"}}]),
+            _tp_route(  # the same with the chain run as a task (an async hook first)
+                "two-async",
+                ["tp_async", {"tp_deferred": {}}, {"tp_deferred": {"reply_when": "x-b"}}],
+            ),
+        ],
+    }
+    g = start_gateway(config, extra_env=plugin_env(plugin_pkg))
+    for route in ("two", "two-async"):
+        resp = request(g.port, "GET", f"/{route}/t", headers=[("x-b", "1")])
+        assert resp.status == 203, (resp.status, resp.body[:80])
+        assert resp.body == b"answered by a future"
+    assert upstream_saw(upstream, "/t") == []
+    assert request(g.port, "GET", "/two/u").status == 200  # no reply_when header: passes

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import proxy_config
 from tests.e2e.test_rate_limit import metric
-from tests.support.client import Response, request
+from tests.support.client import Response, parse_responses, raw_exchange, request
 from tests.support.procs import GatewayProcess, UpstreamProcess
 from tests.support.redis import RedisServer
 
@@ -206,3 +206,27 @@ def test_a_total_timeout_does_not_cut_a_request_waiting_on_redis(
     redis.stall(1.5)
     resp = request(gw.port, "GET", "/x")
     assert resp.status == 200, resp.body
+
+
+def test_pipelined_requests_through_the_redis_limiter_stay_in_order(
+    upstream: UpstreamProcess, redis: RedisServer, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # Each check is answered from the batch's reply (ex.resume, inside the delivery loop);
+    # a refusal answers at once and starts the next pipelined request from there.
+    config = redis_config(
+        upstream, redis, {"key": "ip", "rate": "1/m", "burst": 3}, on_error="closed"
+    )
+    gw = start_gateway(config)
+    raw = b"".join(b"GET /p%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(8))
+    raw += b"GET /last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    responses = parse_responses(raw_exchange(gw.port, raw))
+    assert [r.status for r in responses] == [200] * 3 + [429] * 6
+    assert [r.json()["target"] for r in responses[:3]] == ["/p0", "/p1", "/p2"]
+    # 1/m: each admitted request puts the bucket 60 s further from full; with none left,
+    # t is when the next one is
+    assert [r.header("ratelimit") for r in responses[:3]] == [
+        '"default";r=2;t=60',
+        '"default";r=1;t=120',
+        '"default";r=0;t=60',
+    ]
+    assert gw.alive()
