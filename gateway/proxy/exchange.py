@@ -170,41 +170,37 @@ class Exchange:
         extra = self.response_extra
         self.response_extra = lines if extra is None else extra + lines
 
-    def resume(self, plugin: Plugin, reply: Reply | None) -> None:
+    def resume(self, plugin: Plugin, reply: Reply | None, exc: Exception | None = None) -> None:
         """The answer of ``plugin``'s request hook, which returned ``DEFERRED``: the request
-        phase goes on from here (the next hook, the upstream, or this reply). Call it from a
-        later callback. It does nothing when the exchange is no longer waiting on that
-        plugin: ended meanwhile (client gone, ``plugin_timeout``), or already answered (a
-        second call, which must not answer a later hook's wait)."""
-        if self._waiting_on(plugin):
-            if self.task is DEFERRED:
-                self.task = None
-                self.conn.plugins_resumed(self, reply, None)
-            elif self.waiter is not None:
-                waiter, self.waiter = self.waiter, None
-                if not waiter.done():
-                    waiter.set_result(reply)
+        phase goes on from here (the next hook, the upstream, or this reply; ``exc``: the
+        hook failed, see ``resume_failed``). Call it from a later callback. It does nothing
+        when the exchange is no longer waiting on that plugin: ended meanwhile (client gone,
+        ``plugin_timeout``), or already answered (a second call, which must not answer a
+        later hook's wait). While a hook's answer is awaited, ``plugins_ran`` is its
+        plugin's position."""
+        route = self.route
+        if self.done or route is None:
+            return
+        pos = self.plugins_ran
+        plugins = route.chain.plugins
+        if pos >= len(plugins) or plugins[pos] is not plugin:
+            return
+        if self.task is DEFERRED:
+            self.task = None
+            self.conn.plugins_resumed(self, reply, exc)
+        elif self.waiter is not None:
+            waiter, self.waiter = self.waiter, None
+            if waiter.done():
+                pass
+            elif exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(reply)
 
     def resume_failed(self, plugin: Plugin, exc: Exception) -> None:
         """As ``resume``, for a hook that failed: handled as an exception raised by the hook
         (counted, logged, then its ``failure_mode``)."""
-        if self._waiting_on(plugin):
-            if self.task is DEFERRED:
-                self.task = None
-                self.conn.plugins_resumed(self, None, exc)
-            elif self.waiter is not None:
-                waiter, self.waiter = self.waiter, None
-                if not waiter.done():
-                    waiter.set_exception(exc)
-
-    def _waiting_on(self, plugin: Plugin) -> bool:
-        # While a hook's answer is awaited, plugins_ran is its plugin's position.
-        route = self.route
-        if self.done or route is None:
-            return False
-        pos = self.plugins_ran
-        plugins = route.chain.plugins
-        return pos < len(plugins) and plugins[pos] is plugin
+        self.resume(plugin, None, exc)
 
     def wait_deferred(self) -> asyncio.Future[Any]:
         """In a chain run as a task: the future a ``DEFERRED`` hook's ``resume`` resolves."""
