@@ -604,7 +604,7 @@ class ClientConnection(asyncio.Protocol):
         chain = ex.route.chain
         try:
             if reply is None and exc is None and ex.plugins_ran == chain.last_request_pos:
-                ex.plugins_ran = len(chain.plugins)  # request_done()'s answer, without a call
+                ex.plugins_ran = chain.size  # request_done()'s answer, without a call
                 self._forward(ex)
                 return
             nxt = chain.request_done(ex, reply, exc)
