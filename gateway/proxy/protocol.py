@@ -215,6 +215,11 @@ class ClientConnection(asyncio.Protocol):
         listener = self.listener
         if listener is not None and listener.tls is not None:
             listener.tls.accept(self, transport)
+        # Idle from now, not from the protocol's creation: on a TLS listener that was before
+        # the handshake, and the server's clock can lag by a sweep. A draining worker closes
+        # connections idle for DRAIN_IDLE_GRACE: counted from a stale start, it could close
+        # a new connection just as its client sends the first request.
+        self.idle_since = _monotonic()
         server.connections.add(self)
         if len(server.connections) > self.limits.max_connections:
             ex = Exchange(self)

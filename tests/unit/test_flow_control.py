@@ -350,3 +350,17 @@ def test_upstream_early_response_with_a_large_unread_body_closes(h: Harness) -> 
     assert h.ct.take().endswith(b"no thanks")
     # Discarding 50 MB to keep the connection would cost more than a new connection.
     assert h.ct.eof or h.ct.closing
+
+
+def test_a_connection_is_idle_from_when_it_is_made_not_from_when_it_was_created() -> None:
+    # On a TLS listener the protocol is created at accept and connection_made comes after the
+    # handshake, and the server's clock may lag: a draining worker (which closes connections
+    # idle for DRAIN_IDLE_GRACE) must not see a brand-new connection as long idle.
+    config, source = load_text(CONFIG, default_registry())
+    state = ServerState(compile_config(config, source))
+    state.now -= 5.0  # the clock as a slow handshake (or a late sweep) leaves it
+    client = ClientConnection(state)
+    client.connection_made(FakeTransport())  # type: ignore[arg-type]
+    state.tick()
+    assert state.now - client.idle_since < 1.0
+    client.connection_lost(None)
