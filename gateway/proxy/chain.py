@@ -127,11 +127,7 @@ class Chain:
         if reply is not None:
             ex.plugins_ran = pos + 1
             return reply
-        after = self._after[pos]
-        if after == len(self.request_hooks):  # the last hook (saves a call on the Redis path)
-            ex.plugins_ran = len(self.plugins)
-            return None
-        return self.run_request(ex, after)
+        return self.run_request(ex, self._after[pos])  # none left: None
 
     async def run_request_async(self, ex: Exchange, start: int = 0) -> Reply | None:
         hooks = self.request_hooks[start:] if start else self.request_hooks

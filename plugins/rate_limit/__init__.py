@@ -40,7 +40,7 @@ from plugins.rate_limit.keys import compile_key
 
 _monotonic_ns = time.monotonic_ns
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:/+-]{1,64}$")
-#: Bound of the Redis limiter's headers-by-wait cache (cleared when full).
+#: Bound of the single-limit headers-by-wait cache (cleared when full).
 HEADER_CACHE_SIZE = 256
 
 _decisions = metrics.counter(
@@ -201,10 +201,10 @@ class RateLimitPlugin(Plugin):
         self._item_fmt = self._item_prefix[0] + b"%d;t=%d"
         self._draft_line = b"RateLimit-Policy: %s\r\nRateLimit: " % self.policy_header
         self._single = len(self.limits) == 1
-        # The single-limit headers of the last wait seen: an idle bucket always gives the same
-        # wait (cost * interval), so do a caller's steady requests at a high rate.
-        self._last_wait = -1
-        self._last_headers = HeaderLines((), b"")
+        #: wait -> the single-limit headers for it: an idle bucket always gives the same
+        #: wait (cost * interval), so do a caller's steady requests; the checks of one Redis
+        #: batch cycle through a few
+        self._headers_of: dict[int, HeaderLines] = {}
         self._children: dict[str, tuple[Any, ...]] = {}
         self._scopes: dict[str, str] = {}
         #: the bucket-key prefix when it does not depend on the request's route
@@ -431,11 +431,13 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
             except ValueError:  # see SharedTable._unlock
                 pass
         if self._emit:  # headers cached by wait (a method for it costs a call, ~500 instructions)
-            if wait != self._last_wait:
-                self._last_headers = self._single_headers(wait)
-                self._last_wait = wait
+            lines = self._headers_of.get(wait)
+            if lines is None:
+                if len(self._headers_of) >= HEADER_CACHE_SIZE:
+                    self._headers_of.clear()
+                lines = self._headers_of[wait] = self._single_headers(wait)
             extra = ex.response_extra  # ex.add_response_headers(), inlined
-            ex.response_extra = self._last_headers if extra is None else extra + self._last_headers
+            ex.response_extra = lines if extra is None else extra + lines
         if allowed:
             child = self._allowed_child
             if child is None:
@@ -460,8 +462,6 @@ class RedisRateLimitPlugin(RateLimitPlugin):
         self._rbuckets: RedisBuckets | None = None
         #: value -> bucket key, when the scope does not depend on the request
         self._key_of: dict[str, str] = {}
-        #: wait -> the single-limit headers for it
-        self._headers_of: dict[int, HeaderLines] = {}
         self._on_verdict = self._verdict  # bound once, not per request
 
     async def start(self) -> None:
@@ -506,9 +506,7 @@ class RedisRateLimitPlugin(RateLimitPlugin):
             if allowed and mode is OK and self._single:
                 # As the memory fast path: the single-limit headers (cached by wait), the
                 # counter bumped inline.
-                if self._emit:
-                    # By wait in a small dict: the checks of one batch see the same Redis
-                    # time, so a caller's steady requests cycle through a few waits.
+                if self._emit:  # as in the memory hook
                     wait = waits[0]
                     lines = self._headers_of.get(wait)
                     if lines is None:
