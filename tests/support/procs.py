@@ -197,7 +197,8 @@ class GatewayProcess:
         raise TimeoutError("the gateway did not report started")
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it; the file stays readable
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def _json_lines(self) -> list[dict[str, Any]]:
