@@ -29,6 +29,7 @@ import orjson
 from gateway import __version__, metrics, runinfo
 from gateway.config.compile import Runtime
 from gateway.echo import start_echo
+from gateway.http.fields import COMPILED
 from gateway.observe import AccessLog, Observer
 from gateway.proxy.protocol import ClientConnection
 
@@ -237,6 +238,7 @@ class Worker:
             "worker": runinfo.worker_id(),
             "generation": self.generation,
             "version": __version__,
+            "compiled": COMPILED,
             "started": self._started,
             "connections": len(self.state.connections),
             "draining": self.state.draining,

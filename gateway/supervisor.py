@@ -426,6 +426,7 @@ class Supervisor:
             out["plugins"] = reported.get("plugins", [])
             out["upstreams"] = reported.get("upstreams", {})
             out["plugins_ready"] = reported.get("ready", True)
+            out["compiled"] = reported.get("compiled")
         return out
 
     def ready(self) -> tuple[bool, list[str]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from types import MemberDescriptorType
+from typing import cast
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies also drop.
 HOP_BY_HOP: frozenset[bytes] = frozenset(
@@ -87,6 +89,46 @@ class Headers:
 
     def __repr__(self) -> str:
         return f"<Headers {[(raw, value) for _, raw, value in self.items]!r}>"
+
+
+#: the slot, set and read around FieldLines.items
+_ITEMS = cast(MemberDescriptorType, Headers.__dict__["items"])
+
+
+class FieldLines(Headers):
+    """Headers kept as the raw field lines they arrived as (``Name: value\\r\\n`` each, as
+    llhttp accepted them) until something reads ``items``: a response that only passes
+    through is never split into triples (a parser callback and a triple per field cost
+    about 4k instructions each; callgrind)."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, lines: bytes) -> None:  # items are made on first read
+        self._lines: bytes | None = lines
+
+    @property
+    def items(self) -> list[tuple[bytes, bytes, bytes]]:
+        lines = self._lines
+        if lines is not None:
+            self._lines = None
+            _ITEMS.__set__(self, split_fields(lines))
+        return cast("list[tuple[bytes, bytes, bytes]]", _ITEMS.__get__(self, FieldLines))
+
+    @items.setter
+    def items(self, value: list[tuple[bytes, bytes, bytes]]) -> None:
+        self._lines = None
+        _ITEMS.__set__(self, value)
+
+
+def split_fields(lines: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """``(lower_name, name, value)`` triples from raw field lines, each value as llhttp
+    gives it (leading blanks dropped, trailing ones kept)."""
+    items = []
+    for line in lines.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            items.append((name.lower(), name, value.lstrip(b" \t")))
+    return items
 
 
 #: Names a plugin cannot add as ``HeaderLines``: framing and hop-by-hop headers, and those the

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from gateway.http import trace
+from gateway.http.fields import HAS_DATE, HAS_REQUEST_ID
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
 from gateway.proxy.exchange import BODY_CHUNKED
@@ -211,7 +212,7 @@ def response_head(
     ``ex.keep_alive``.
 
     ``upstream``: the connection whose response ``ex.response_headers`` are, unedited (no
-    response hook ran), with no odd header (``odd_headers``), under the default request id
+    response hook ran), with no odd header (``ODD_FIELDS``), under the default request id
     header (``Forwarding.plain_responses``): its plain lines, assembled while parsing, are
     the headers' lines, with no second pass over them (~4k instructions a response).
     """
@@ -229,9 +230,10 @@ def response_head(
     via = b""
     hsts = ex.conn.hsts  # a TLS listener's own Strict-Transport-Security replaces any other
     if upstream is not None and conn_tokens is None:
-        parts += upstream.plain
-        has_date = upstream.has_date
-        has_rid = upstream.has_request_id
+        parts.append(upstream.plain)
+        flags = upstream.field_flags
+        has_date = flags & HAS_DATE != 0
+        has_rid = flags & HAS_REQUEST_ID != 0
     else:
         has_date = has_rid = False
         rid_name = fwd.request_id_header

@@ -34,14 +34,16 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from gateway.http.errors import error_body
+from gateway.http.fields import ODD_FIELDS, RequestFields
 from gateway.http.headers import (
     HOP_BY_HOP,
+    FieldLines,
     Headers,
     connection_tokens,
     is_chunked_only,
@@ -54,7 +56,11 @@ from gateway.proxy.chain import Pending, PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
 from gateway.tls import describe_ssl_error, is_handshake_failure, upstream_tls_failed
-from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+from gateway.upstream.connection import (
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    UpstreamConnection,
+)
 from gateway.upstream.retry import failover
 
 if TYPE_CHECKING:
@@ -81,15 +87,6 @@ DISCARD_LIMIT = 64 * 1024
 #: How long a closing connection keeps reading (and discarding) so the client sees the reply.
 LINGER_SECONDS = 2.0
 
-_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT, _XFF = range(1, 7)
-_SPECIAL = {
-    b"host": _HOST,
-    b"content-length": _CONTENT_LENGTH,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"connection": _CONNECTION,
-    b"expect": _EXPECT,
-    b"x-forwarded-for": _XFF,
-}
 #: Connection options that name no header the forwarding does not drop anyway.
 _PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
 _monotonic = time.monotonic
@@ -107,26 +104,13 @@ class _Reject(Exception):
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_body_since",
-        "_conn_tokens",
-        "_expect",
         "_feeding",
-        "_header_bytes",
-        "_header_count",
         "_headers_since",
-        "_host_count",
-        "_length_count",
-        "_length_value",
-        "_max_header_bytes",
-        "_max_header_count",
         "_paused",
-        "_rid",
-        "_rid_name",
-        "_te_count",
-        "_te_value",
-        "_xff",
         "active",
         "client_ip",
         "closed",
+        "fields",
         "gate",
         "held",
         "hsts",
@@ -134,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         "limits",
         "linger_until",
         "listener",
+        "on_header",
         "parser",
         "parsing",
         "peer_ip",
@@ -153,10 +138,16 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server: ServerState, listener: Listener | None = None) -> None:
         self.server = server
         self.runtime: Runtime = server.runtime
-        self.limits = self.runtime.limits
-        self._max_header_bytes = self.limits.max_header_bytes
-        self._max_header_count = self.limits.max_header_count
-        self._rid_name = self.runtime.forwarding.request_id_header
+        self.limits = limits = self.runtime.limits
+        # httptools' on_header callback is the fields' own (compiled where built): a field
+        # costs no Python-level step (gateway.http.fields).
+        self.fields = fields = RequestFields(
+            limits.max_header_bytes,
+            limits.max_header_count,
+            self.runtime.forwarding.request_id_header,
+            _Reject,
+        )
+        self.on_header: Callable[[bytes, bytes], None] = fields.on_header
         # The listener's TLS behaviour (gateway.tls): scheme for X-Forwarded-Proto, the HSTS
         # header line, the verified client certificate, and the gate: when set, every request
         # is answered by it (an https redirect, a 403 for a missing client certificate).
@@ -188,20 +179,6 @@ class ClientConnection(asyncio.Protocol):
         self.requests = 0
         self._headers_since = 0.0
         self._body_since = 0.0
-        self._reset_head_state()
-
-    def _reset_head_state(self) -> None:
-        self._header_bytes = 0
-        self._header_count = 0
-        self._host_count = 0
-        self._length_count = 0
-        self._length_value = b""
-        self._te_count = 0
-        self._te_value = b""
-        self._conn_tokens: frozenset[bytes] | None = None
-        self._expect: bytes | None = None
-        self._rid: bytes | None = None
-        self._xff: list[bytes] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -327,12 +304,9 @@ class ClientConnection(asyncio.Protocol):
             # The connection's last response went out earlier in this same feed (_close):
             # what follows is not read as a request, whose reply could not be sent.
             raise _Reject("bad_request")
-        self.parsing = Exchange(self)
+        self.parsing = ex = Exchange(self)
         self._headers_since = self.server.now
-        # _reset_head_state(), inlined: this runs for every request.
-        self._header_bytes = self._header_count = self._host_count = 0
-        self._length_count = self._te_count = 0
-        self._conn_tokens = self._expect = self._rid = self._xff = None
+        self.fields.reset(ex.headers.items)
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
@@ -340,53 +314,15 @@ class ClientConnection(asyncio.Protocol):
         ex.url = ex.url + url if ex.url else url
         if len(ex.url) > self.limits.max_url_bytes:
             raise _Reject("uri_too_long")
-        self._header_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        size = self._header_bytes + len(name) + len(value) + 4
-        self._header_bytes = size
-        count = self._header_count + 1
-        self._header_count = count
-        if size > self._max_header_bytes or count > self._max_header_count:
-            if size > self._max_header_bytes:
-                raise _Reject("header_fields_too_large")
-            raise _Reject("header_fields_too_large", "too many request header fields")
-        ex = self.parsing
-        if ex is None or not self._headers_since:
-            return  # a trailer field of a chunked body: counted, not forwarded
-        lname = name.lower()
-        ex.headers.items.append((lname, name, value))
-        kind = _SPECIAL.get(lname)
-        if kind is not None:
-            self._special_header(ex, kind, value)
-        elif lname == self._rid_name:
-            self._rid = value
-
-    def _special_header(self, ex: Exchange, kind: int, value: bytes) -> None:
-        if kind == _HOST:
-            self._host_count += 1
-            ex.host = value
-        elif kind == _CONTENT_LENGTH:
-            self._length_count += 1
-            self._length_value = value
-        elif kind == _TRANSFER_ENCODING:
-            self._te_count += 1
-            self._te_value = value
-        elif kind == _CONNECTION:
-            tokens = frozenset(connection_tokens(value))
-            self._conn_tokens = tokens if self._conn_tokens is None else self._conn_tokens | tokens
-        elif kind == _EXPECT:
-            self._expect = value
-        elif self._xff is None:
-            self._xff = [value]
-        else:
-            self._xff.append(value)
+        self.fields.size += len(url)
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
         self._headers_since = 0.0
         self._body_since = self.server.now
+        fields = self.fields
+        fields.items = None  # what comes now is trailers: counted, not kept
         parser = self.parser
         ex.method = parser.get_method()
         version = parser.get_http_version()
@@ -397,30 +333,31 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject("bad_request", f"HTTP/{version} is not supported")
         ex.keep_alive = parser.should_keep_alive()
         self.requests += 1
-        rid = self._rid
+        rid = fields.rid
         ex.request_id = (
             rid.decode("ascii")
             if rid is not None and valid_request_id(rid)
             else self.server.next_request_id()
         )
         # Framing: refuse anything a second parser could read differently.
-        if self._te_count:
-            if self._length_count:
+        if fields.te_count:
+            if fields.length_count:
                 raise _Reject("bad_request", "both Content-Length and Transfer-Encoding")
-            if self._te_count > 1 or not is_chunked_only(self._te_value):
+            if fields.te_count > 1 or not is_chunked_only(fields.te):
                 raise _Reject("bad_request", "only a single 'chunked' transfer coding is accepted")
             if ex.http10:
                 raise _Reject("bad_request", "Transfer-Encoding on an HTTP/1.0 request")
             ex.body_kind = BODY_CHUNKED
-        elif self._length_count:
-            value = self._length_value.strip()
-            if self._length_count > 1 or not value.isdigit():
+        elif fields.length_count:
+            value = fields.length.strip()
+            if fields.length_count > 1 or not value.isdigit():
                 raise _Reject("bad_request", "duplicate or invalid Content-Length")
             ex.content_length = int(value)
             ex.length_header = value
             if ex.content_length:
                 ex.body_kind = BODY_LENGTH
-        if self._host_count > 1 or (self._host_count == 0 and not ex.http10):
+        host_count = fields.host_count
+        if host_count > 1 or (host_count == 0 and not ex.http10):
             raise _Reject("bad_request", "exactly one Host header is required")
         url = ex.url
         authority = None
@@ -446,17 +383,23 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject("bad_request", "the path climbs above the root")
             path = normal
         ex.path = path
-        if authority is not None and self._host_count and authority.lower() != ex.host.lower():
-            # RFC 9112 3.2.2 says to ignore Host here; a hop behind us may not, so refuse.
-            raise _Reject("bad_request", "the Host header does not match the request target")
-        host = authority if authority is not None else ex.host
+        host = fields.host
+        if authority is not None:
+            if host_count and authority.lower() != host.lower():
+                # RFC 9112 3.2.2 says to ignore Host here; a hop behind us may not: refuse.
+                raise _Reject("bad_request", "the Host header does not match the request target")
+            host = authority
         ex.host = host
-        if self._expect is not None:
-            if self._expect.strip().lower() != b"100-continue":
+        expect = fields.expect
+        if expect is not None:
+            if expect.strip().lower() != b"100-continue":
                 raise _Reject("expectation_failed")
             # No body, nothing to wait for: a 100 would only precede the final response.
             ex.expect_continue = not ex.http10 and ex.body_kind != BODY_NONE
-        tokens = self._conn_tokens
+        listed = fields.connection
+        tokens = (
+            None if listed is None else frozenset(t for v in listed for t in connection_tokens(v))
+        )
         if tokens is not None and b"upgrade" in tokens and parser.should_upgrade():
             # httptools parses nothing after this request (data_received): its response must
             # close the connection, or the client's next request would wait for idle_timeout.
@@ -476,8 +419,9 @@ class ClientConnection(asyncio.Protocol):
         ex.max_body = max_body
         if max_body and ex.content_length > max_body:
             raise _Reject("payload_too_large")
-        if self._xff is not None and self.trusted_peer:
-            ex.client_ip = self.runtime.forwarding.client_ip(self.peer_ip, self._xff)
+        xff = fields.xff
+        if xff is not None and self.trusted_peer:
+            ex.client_ip = self.runtime.forwarding.client_ip(self.peer_ip, xff)
         if self.active is None:
             self.active = ex
             self._start(ex)
@@ -775,23 +719,20 @@ class ClientConnection(asyncio.Protocol):
             self._unpause(PAUSE_BUFFER)
 
     # -- called by the upstream connection --------------------------------------------------
-    def upstream_head(
-        self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes, bytes]]
-    ) -> None:
+    def upstream_head(self, ex: Exchange, status: int, conn: UpstreamConnection) -> None:
         if ex.done:
             return
-        conn = ex.upstream
-        assert conn is not None and ex.route is not None
+        assert ex.route is not None
         if status >= 500:
             retry = ex.route.upstream.retry
             if retry is not None and status in retry.statuses and self._retry(ex, "", status, conn):
                 return
         ex.status = status
-        ex.response_headers = Headers(headers)
+        ex.response_headers = FieldLines(conn.fields)
         chain = ex.route.chain
         extra = ex.response_extra
         if extra is not None and chain.response_hooks:  # for the hooks to see
-            headers += extra.items
+            ex.response_headers.items += extra.items
             extra = None
         framing = conn.framing
         length: bytes | None = None
@@ -824,7 +765,9 @@ class ClientConnection(asyncio.Protocol):
             self.server.date_header,
             conn.connection_value,
             b"" if extra is None else extra.raw,
-            None if chain.response_hooks or conn.odd_headers or not fwd.plain_responses else conn,
+            None
+            if chain.response_hooks or conn.field_flags & ODD_FIELDS or not fwd.plain_responses
+            else conn,
         )
 
     def flush_held(self) -> None:

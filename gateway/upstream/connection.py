@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from gateway.http.fields import CHUNKED, scan_fields
+
 _monotonic = time.monotonic
 
 if TYPE_CHECKING:
@@ -47,47 +49,27 @@ FRAMING_LENGTH = 1
 FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3  # read until the upstream closes
 
-#: What a response header is to the proxy (``on_header``). Unlisted names are plain: copied
-#: to the client as they are, so their lines are assembled while parsing (``plain``), and
-#: the client's head needs no second pass over the headers (``forward.response_head``).
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _DATE, _REQUEST_ID, _ODD = range(1, 7)
-_RESPONSE_KINDS = {
-    b"content-length": _CONTENT_LENGTH,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"connection": _CONNECTION,
-    b"date": _DATE,  # plain, but the gateway adds its own when there is none
-    b"x-request-id": _REQUEST_ID,  # likewise (the default request id header)
-    # not copied, or not as they are: the general path (response_head's loop) handles them
-    b"keep-alive": _ODD,
-    b"proxy-connection": _ODD,
-    b"proxy-authenticate": _ODD,
-    b"proxy-authorization": _ODD,
-    b"te": _ODD,
-    b"trailer": _ODD,
-    b"upgrade": _ODD,
-    b"via": _ODD,
-    b"strict-transport-security": _ODD,
-}
+#: An upstream's response head (status line and fields) longer than this fails the exchange
+#: (502, ``upstream_bad_response``): it is held in memory until complete.
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_chunked",
-        "_headers",
+        "_acc",
         "_in_body",
         "_interim",
         "_parser",
         "_spent",
         "connection_value",
         "exchange",
+        "field_flags",
+        "fields",
         "framing",
-        "has_date",
-        "has_request_id",
         "held",
         "idle_since",
         "last_read",
         "length_value",
-        "odd_headers",
         "plain",
         "requests",
         "response_started",
@@ -100,19 +82,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        #: the bytes of a response head read so far (a head can span reads)
+        self._acc = b""
+        #: the response's field lines, raw (``Name: value\r\n`` each)
+        self.fields = b""
         self._in_body = False
         self._interim = False
         self.framing = FRAMING_NONE
         self.held: bytes | None = None
         self.length_value: bytes | None = None
         self.connection_value: bytes | None = None
-        #: the response's plain header lines, ready to write (see _RESPONSE_KINDS)
-        self.plain: list[bytes] = []
-        self.has_date = self.has_request_id = False
-        #: a header the plain lines cannot stand for (hop-by-hop, Via, HSTS) was seen
-        self.odd_headers = False
-        self._chunked = False
+        #: the response's plain field lines, ready to write (see _RESPONSE_KINDS)
+        self.plain = b""
+        #: scan_fields' flags (HAS_DATE, HAS_REQUEST_ID, ODD_FIELDS, CHUNKED)
+        self.field_flags = 0
         self._spent = False
         self.response_started = False
         self.requests = 0
@@ -148,6 +131,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         client = ex.conn
         self.last_read = client.server.now
+        if not self._in_body:
+            # A head is being read: keep its bytes for on_headers_complete, which takes the
+            # fields from them instead of a callback per field from httptools.
+            acc = self._acc
+            acc = self._acc = acc + data if acc else data
+            if len(acc) > MAX_RESPONSE_HEAD and acc.find(b"\r\n\r\n", 0, MAX_RESPONSE_HEAD) < 0:
+                self._fail("upstream_bad_response")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -177,36 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._spent:
             self._extra_bytes()
             return
-        self._headers = []
         self._in_body = False
-        self.length_value = None
-        self.connection_value = None
-        self.plain = []
-        self.has_date = self.has_request_id = self.odd_headers = False
-        self._chunked = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_body:
-            return  # headers after the body are trailers: dropped, consistently
-        lname = name.lower()
-        self._headers.append((lname, name, value))
-        kind = _RESPONSE_KINDS.get(lname)
-        if kind is None:
-            self.plain += (name, b": ", value, b"\r\n")
-        elif kind == _CONTENT_LENGTH:
-            self.length_value = value
-        elif kind == _CONNECTION:
-            self.connection_value = value
-        elif kind == _DATE:
-            self.has_date = True
-            self.plain += (name, b": ", value, b"\r\n")
-        elif kind == _REQUEST_ID:
-            self.has_request_id = True
-            self.plain += (name, b": ", value, b"\r\n")
-        elif kind == _TRANSFER_ENCODING:
-            self._chunked = value.strip().lower().endswith(b"chunked")
-        else:
-            self.odd_headers = True
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
@@ -214,10 +176,21 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._in_body = True
         status: int = self._parser.get_status_code()
+        acc = self._acc
+        if acc[:1] != b"H":
+            acc = acc.lstrip(b"\r\n")  # llhttp skips blank lines before a status line
+        end = acc.find(b"\r\n\r\n")
+        if end < 0:  # cannot be: llhttp takes CRLF line ends only
+            raise ValueError("a response head with no blank line")
         if status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: not forwarded
+            self._acc = acc[end + 4 :]  # the next head may follow in the same read
             return
+        self._acc = b""
         self._interim = False
+        self.fields = fields = acc[acc.find(b"\r\n") + 2 : end + 2]
+        self.plain, self.length_value, self.connection_value, flags = scan_fields(fields)
+        self.field_flags = flags
         # One clock read serves the upstream-duration metric, the access log and p2c_ewma.
         now = ex.t_upstream_head = _monotonic()
         target = self.target
@@ -229,7 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
             target.ewma = rtt if rtt > ewma else (ewma + rtt) * 0.5
         if ex.method == b"HEAD" or status == 204 or status == 304:
             self.framing = FRAMING_NONE
-        elif self._chunked:
+        elif flags & CHUNKED:
             self.framing = FRAMING_CHUNKED
             self.length_value = None
         elif self.length_value is not None:
@@ -237,7 +210,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.framing = FRAMING_CLOSE
         self.response_started = True
-        ex.conn.upstream_head(ex, status, self._headers)
+        ex.conn.upstream_head(ex, status, self)
         if ex.method == b"HEAD" and self.exchange is ex:
             keep = self._parser.should_keep_alive()
             self._parser = httptools.HttpResponseParser(self)
@@ -252,6 +225,7 @@ class UpstreamConnection(asyncio.Protocol):
             ex.conn.upstream_body(ex, body)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         if self._interim:
             self._interim = False
             return
@@ -267,6 +241,8 @@ class UpstreamConnection(asyncio.Protocol):
         the first body bytes (or ``flush_held``) so that both leave in one write."""
         self.exchange = ex
         self.response_started = False
+        self._in_body = False
+        self._acc = b""
         self.framing = FRAMING_NONE
         self.requests += 1
         self.last_read = ex.conn.server.now

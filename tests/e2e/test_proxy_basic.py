@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from gateway.http.fields import NO_SPEEDUPS_ENV
 from tests.conftest import proxy_config
 from tests.support.client import Conn, parse_responses, raw_exchange, request
 from tests.support.procs import GatewayProcess, UpstreamProcess
@@ -304,3 +306,20 @@ def test_unknown_route_gets_json_404(upstream: UpstreamProcess, start_gateway) -
 def test_empty_query_is_forwarded_as_sent(gw: GatewayProcess) -> None:
     assert request(gw.port, "GET", "/echo/q?").json()["target"] == "/echo/q?"
     assert request(gw.port, "GET", "/echo/q").json()["target"] == "/echo/q"
+
+
+def test_the_pure_python_fallback_proxies_the_same(
+    gw: GatewayProcess, upstream: UpstreamProcess, tmp_path: Path
+) -> None:
+    # Without the compiled fast paths (no C compiler at install, or GATEWAY_NO_SPEEDUPS), the
+    # same responses come out; /status tells which versions a worker runs.
+    assert all(w["compiled"] is True for w in gw.admin("GET", "/status").json()["workers"])
+    slow = GatewayProcess(proxy_config(upstream.url), tmp_path, extra_env={NO_SPEEDUPS_ENV: "1"})
+    try:
+        status = slow.admin("GET", "/status").json()
+        assert [w["compiled"] for w in status["workers"]] == [False]
+        test_hop_by_hop_response_headers_are_dropped(slow)
+        test_upstream_response_headers_are_copied_once_in_order(slow)
+        test_get_is_proxied_with_forwarding_headers(slow)
+    finally:
+        slow.stop()
