@@ -162,23 +162,32 @@ rf_on_header(RequestFields *self, PyObject *const *args, Py_ssize_t nargs)
     self->size += n + PyBytes_GET_SIZE(value) + 4;
     self->count += 1;
     if (self->size > self->max_bytes || self->count > self->max_count) {
+        PyObject *reject = Py_NewRef(self->reject);  /* held across the call */
         if (self->size > self->max_bytes)
-            exc = PyObject_CallFunction(self->reject, "s", "header_fields_too_large");
+            exc = PyObject_CallFunction(reject, "s", "header_fields_too_large");
         else
-            exc = PyObject_CallFunction(self->reject, "ss", "header_fields_too_large",
+            exc = PyObject_CallFunction(reject, "ss", "header_fields_too_large",
                                         "too many request header fields");
+        Py_DECREF(reject);
         if (exc == NULL)
             return NULL;
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        if (!PyExceptionInstance_Check(exc))
+            PyErr_SetString(PyExc_TypeError, "reject() must return an exception");
+        else
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
         Py_DECREF(exc);
         return NULL;
     }
     items = self->items;
     if (items == Py_None)
         Py_RETURN_NONE;  /* a trailer field of a chunked body: counted, not kept */
+    /* Held: an allocation can run the GC, and through it code that replaces self->items. */
+    Py_INCREF(items);
     lname = PyBytes_FromStringAndSize(NULL, n);
-    if (lname == NULL)
+    if (lname == NULL) {
+        Py_DECREF(items);
         return NULL;
+    }
     src = PyBytes_AS_STRING(name);
     dst = PyBytes_AS_STRING(lname);
     for (i = 0; i < n; i++) {
@@ -187,10 +196,12 @@ rf_on_header(RequestFields *self, PyObject *const *args, Py_ssize_t nargs)
     }
     triple = PyTuple_Pack(3, lname, name, value);
     if (triple == NULL) {
+        Py_DECREF(items);
         Py_DECREF(lname);
         return NULL;
     }
     rc = PyList_Append(items, triple);
+    Py_DECREF(items);
     Py_DECREF(triple);
     if (rc < 0) {
         Py_DECREF(lname);
@@ -377,6 +388,10 @@ scan_fields(PyObject *Py_UNUSED(module), PyObject *arg)
     }
     p = PyBytes_AS_STRING(arg);
     n = PyBytes_GET_SIZE(arg);
+    if (n > 0 && (n < 2 || p[n - 2] != '\r' || p[n - 1] != '\n')) {
+        PyErr_SetString(PyExc_ValueError, "field lines must end with CRLF");
+        return NULL;
+    }
     for (pos = 0; pos < n; pos = next) {
         line = p + pos;
         /* the line ends at the next CRLF (or at the end: a last line without one) */

@@ -195,7 +195,8 @@ HAS_DATE, HAS_REQUEST_ID, ODD_FIELDS, CHUNKED = 1, 2, 4, 8
 
 def scan_fields_py(fields: bytes) -> tuple[bytes, bytes | None, bytes | None, int]:
     """What the proxy needs of a response's raw field lines (one ``Name: value\\r\\n`` each,
-    as llhttp accepted them): ``(plain, content_length, connection, flags)``.
+    as llhttp accepted them; ``ValueError`` unless they end with CRLF):
+    ``(plain, content_length, connection, flags)``.
 
     ``plain`` is the lines less Content-Length, Transfer-Encoding, Connection and the odd
     ones (they stand for the fields when nothing edits them); ``content_length`` and
@@ -209,6 +210,8 @@ def scan_fields_py(fields: bytes) -> tuple[bytes, bytes | None, bytes | None, in
     flags = 0
     cut = False
     plain = []
+    if fields and not fields.endswith(b"\r\n"):
+        raise ValueError("field lines must end with CRLF")
     kinds = _RESPONSE_KINDS
     for line in fields.split(b"\r\n"):
         colon = line.find(b":")

@@ -135,7 +135,12 @@ class UpstreamConnection(asyncio.Protocol):
             # A head is being read: keep its bytes for on_headers_complete, which takes the
             # fields from them instead of a callback per field from httptools.
             acc = self._acc
-            acc = self._acc = acc + data if acc else data
+            acc = acc + data if acc else data
+            if acc[:1] != b"H":
+                # llhttp skips blank lines before a status line: so does the limit below (a
+                # stream of CRLFs is not a head), and on_headers_complete's slicing.
+                acc = acc.lstrip(b"\r\n")
+            self._acc = acc
             if len(acc) > MAX_RESPONSE_HEAD and acc.find(b"\r\n\r\n", 0, MAX_RESPONSE_HEAD) < 0:
                 self._fail("upstream_bad_response")
                 return
@@ -176,15 +181,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._in_body = True
         status: int = self._parser.get_status_code()
-        acc = self._acc
-        if acc[:1] != b"H":
-            acc = acc.lstrip(b"\r\n")  # llhttp skips blank lines before a status line
+        acc = self._acc  # from the status line on (data_received drops blank lines before it)
         end = acc.find(b"\r\n\r\n")
         if end < 0:  # cannot be: llhttp takes CRLF line ends only
             raise ValueError("a response head with no blank line")
         if status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: not forwarded
-            self._acc = acc[end + 4 :]  # the next head may follow in the same read
+            rest = self._acc = acc[end + 4 :].lstrip(b"\r\n")  # the next head may follow
+            if len(rest) > MAX_RESPONSE_HEAD and rest.find(b"\r\n\r\n", 0, MAX_RESPONSE_HEAD) < 0:
+                raise ValueError("a response head over MAX_RESPONSE_HEAD")
             return
         self._acc = b""
         self._interim = False
@@ -220,6 +225,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self._spent:
             self._extra_bytes()
             return
+        if self._interim:
+            # A 1xx has no content (RFC 9110 15.2), but llhttp reads one where a 101 or 1xx
+            # carries Content-Length or chunked: a broken upstream, and the next head's bytes
+            # could not be told from it.
+            raise ValueError("a 1xx response with content")
         ex = self.exchange
         if ex is not None:
             ex.conn.upstream_body(ex, body)

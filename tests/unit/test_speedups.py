@@ -89,10 +89,14 @@ def test_the_compiled_scan_agrees_with_the_python_one(fields: bytes) -> None:
 @given(st.binary(max_size=300))
 @settings(max_examples=600, deadline=None)
 def test_the_compiled_scan_takes_any_bytes(data: bytes) -> None:
-    result = _speedups.scan_fields(data)
-    assert len(result) == 4
-    if data == b"" or data.endswith(b"\r\n"):  # as field lines always end
-        assert result == scan_fields_py(data)
+    for tail in (b"", b"\r\n"):
+        data += tail
+        if data == b"" or data.endswith(b"\r\n"):  # as field lines always end
+            assert _speedups.scan_fields(data) == scan_fields_py(data)
+        else:  # a precondition both check
+            for scan in (_speedups.scan_fields, scan_fields_py):
+                with pytest.raises(ValueError):
+                    scan(data)
 
 
 def test_scan_results() -> None:
@@ -297,3 +301,97 @@ def test_an_endless_response_head_fails_the_exchange(h: Harness) -> None:
     assert ut.aborted
     out = h.ct.take()
     assert out.startswith(b"HTTP/1.1 502 ") and b"upstream_bad_response" in out
+
+
+def test_blank_lines_before_a_status_line_are_not_kept(h: Harness) -> None:
+    # llhttp skips them; kept, an upstream sending CRLFs forever would grow the buffer without
+    # end, past the head limit (which counts from the status line).
+    up, ut = h.pooled_upstream()
+    h.feed(GET)
+    for _ in range(40):
+        up.data_received(b"\r\n" * 4096)
+    assert len(up._acc) == 0 and not ut.aborted
+    up.data_received(RESPONSE)
+    _client_response(h)
+
+
+def test_blank_lines_then_an_endless_head_fail_the_exchange(h: Harness) -> None:
+    up, ut = h.pooled_upstream()
+    h.feed(GET)
+    up.data_received(b"\r\n\r\n\r\nHTTP/1.1 200 OK\r\n")
+    line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    for _ in range(MAX_RESPONSE_HEAD // len(line) + 1):
+        if ut.aborted:
+            break
+        up.data_received(line)
+    assert ut.aborted and b"upstream_bad_response" in h.ct.take()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_an_interim_response_with_content_fails_the_exchange(h: Harness, split: bool) -> None:
+    # A 1xx has no content; llhttp reads one when a 1xx says Content-Length. What follows it
+    # must not be taken for the final head (its bytes could pose as header fields).
+    up, ut = h.pooled_upstream()
+    h.feed(GET)
+    interim = b"HTTP/1.1 199 Odd\r\nContent-Length: 30\r\n\r\na\r\nSet-Cookie: injected=1\r\n\r\n"
+    if split:
+        up.data_received(interim[:40])
+        up.data_received(interim[40:] + RESPONSE)
+    else:
+        up.data_received(interim + RESPONSE)
+    out = h.ct.take()
+    assert out.startswith(b"HTTP/1.1 502 ") and b"injected" not in out
+    assert ut.aborted
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello",  # bare LF line ends
+        b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 5\r\n\r\nhello",  # folded
+        b"HTTP/1.1 200 OK\r\nX-A : a\r\nContent-Length: 5\r\n\r\nhello",  # space before :
+    ],
+)
+def test_heads_the_field_scan_could_misread_are_refused(h: Harness, bad: bytes) -> None:
+    # scan_fields splits on CRLF and takes a field's name up to its colon: that matches
+    # llhttp's reading only because llhttp refuses these (a lenient parser would break it).
+    up, ut = h.pooled_upstream()
+    h.feed(GET)
+    up.data_received(bad)
+    assert h.ct.take().startswith(b"HTTP/1.1 502 ") and ut.aborted
+
+
+GC_REPLACES_ITEMS = """
+import gc
+from gateway import _speedups
+class Reject(Exception): pass
+rf = _speedups.RequestFields(10**9, 10**9, b"x", Reject)
+armed, fired = False, []
+def replace(phase, info):
+    if phase == "start" and armed:
+        fired.append(1)
+        rf.items = None  # the last reference to the list the callback is appending to
+gc.callbacks.append(replace)
+for attempt in range(20):
+    rf.reset(list(range(200_000)))  # full: the append reallocates the (freed) list's array
+    gc.collect()
+    gc.set_threshold(1)
+    armed = True
+    rf.on_header(b"a", b"b")
+    armed = False
+    gc.set_threshold(700)
+    if fired:
+        break
+print("collections inside on_header:", len(fired))
+"""
+
+
+def test_a_collection_inside_on_header_cannot_free_the_list_it_appends_to() -> None:
+    # An allocation can run the GC, and a gc callback, __del__ or weakref callback can replace
+    # the fields' list: on_header holds its own reference (a use after free otherwise: a
+    # crash, so the check runs in a child process).
+    out = subprocess.run(
+        [sys.executable, "-c", GC_REPLACES_ITEMS], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "collections inside on_header: 1"
