@@ -8,6 +8,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 #include <structmember.h>
 
@@ -492,10 +493,78 @@ error:
     return NULL;
 }
 
+/* -- gcra_take: a bucket's take in the shared-memory table -------------------------------- */
+
+/* gcra_take(words, i, a, b, now, step, tolerance): the caller holds the table's lock. None
+ * when the slot at i is not the key's (fingerprint a, b), or the numbers leave 64 bits;
+ * otherwise the wait after an allowed take (>= 0, the new TAT written), or -1 - wait for a
+ * denied one (the bucket untouched). gateway/state/shm.py: gcra_take_py. */
+static PyObject *
+gcra_take(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    long long v[6];
+    int64_t *q, tat, wait, next;
+    Py_ssize_t k, n, i;
+    PyObject *result;
+
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "gcra_take() takes 7 arguments");
+        return NULL;
+    }
+    for (k = 0; k < 6; k++) {
+        v[k] = PyLong_AsLongLong(args[k + 1]);
+        if (v[k] == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();
+            Py_RETURN_NONE;  /* beyond 64 bits: the Python version's business */
+        }
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    n = view.len / (Py_ssize_t)sizeof(int64_t);
+    i = (Py_ssize_t)v[0];
+    if (v[0] < 0 || v[0] > (long long)n - 4 || ((uintptr_t)view.buf % sizeof(int64_t)) != 0) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    q = (int64_t *)view.buf;
+    if (q[i] != v[1] || q[i + 1] != v[2]) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;  /* not the key's slot (any more): the caller looks it up */
+    }
+    tat = q[i + 3];
+    if (tat < v[3])
+        tat = v[3];
+    if (__builtin_add_overflow(tat, (int64_t)v[4], &wait)
+        || __builtin_sub_overflow(wait, (int64_t)v[3], &wait)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    if (wait <= v[5]) {
+        next = (int64_t)v[3] + wait;  /* = tat + step: no overflow, checked above */
+        q[i + 3] = next;
+        result = PyLong_FromLongLong(wait);
+    }
+    else {
+        if (__builtin_sub_overflow(tat, (int64_t)v[3], &wait)) {
+            PyBuffer_Release(&view);
+            Py_RETURN_NONE;
+        }
+        result = PyLong_FromLongLong(-1 - wait);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan_fields", scan_fields, METH_O,
      "scan_fields(fields) -> (plain, content_length, connection, flags)\n\n"
      "What the proxy needs of an upstream response's raw field lines."},
+    {"gcra_take", (PyCFunction)(void (*)(void))gcra_take, METH_FASTCALL,
+     "gcra_take(words, i, a, b, now, step, tolerance) -> int | None\n\n"
+     "A bucket's take in the shared-memory table (gateway.state.shm.gcra_take_py)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,5 @@
-# The compiled fast paths (gateway/_speedups.c); gateway/http/fields.py has their Python
-# versions and documents them.
+# The compiled fast paths (gateway/_speedups.c); gateway/speedups.py says where their Python
+# versions are (they document them).
 
 class RequestFields:
     size: int
@@ -37,3 +37,6 @@ class RequestFields:
     def on_header(self, name: bytes, value: bytes, /) -> None: ...
 
 def scan_fields(fields: bytes, /) -> tuple[bytes, bytes | None, bytes | None, int]: ...
+def gcra_take(
+    words: memoryview, i: int, a: int, b: int, now: int, step: int, tolerance: int, /
+) -> int | None: ...

@@ -29,9 +29,9 @@ import orjson
 from gateway import __version__, metrics, runinfo
 from gateway.config.compile import Runtime
 from gateway.echo import start_echo
-from gateway.http.fields import COMPILED
 from gateway.observe import AccessLog, Observer
 from gateway.proxy.protocol import ClientConnection
+from gateway.speedups import COMPILED
 
 log = logging.getLogger("gateway.server")
 

@@ -1,8 +1,8 @@
 """Reading header fields on the data plane: the per-field work of every request and response.
 
-Two pieces, each with a compiled version (``gateway/_speedups.c``, built at install when a C
-compiler is present) and a pure-Python one that behaves the same
-(``tests/unit/test_speedups.py`` holds them to it):
+Two pieces, each with a compiled version (``gateway/_speedups.c``, see ``gateway.speedups``)
+and a pure-Python one that behaves the same (``tests/unit/test_speedups.py`` holds them to
+it):
 
 - ``RequestFields``: the client side's ``on_header`` callback for httptools. It counts the
   head's size against the limits, collects the ``(lower_name, name, value)`` triples, and
@@ -13,16 +13,15 @@ compiler is present) and a pure-Python one that behaves the same
 
 In Python a field costs ~4-5k instructions however the work is arranged (a callback per
 field, or a loop over the raw lines: the bytecodes dominate either way); compiled, a few
-hundred (callgrind, ``python -m benchmarks.hotpath --callgrind``). ``GATEWAY_NO_SPEEDUPS=1``
-selects the Python versions; ``COMPILED`` (shown in the admin ``/status``) says which are in
-use.
+hundred (callgrind, ``python -m benchmarks.hotpath --callgrind``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Protocol
+
+from gateway.speedups import compiled
 
 # -- request fields ------------------------------------------------------------------------------
 
@@ -243,20 +242,11 @@ def scan_fields_py(fields: bytes) -> tuple[bytes, bytes | None, bytes | None, in
     return (b"\r\n".join(plain) if cut else fields), length, connection, flags
 
 
-#: Set (to anything but "" or "0"): run the pure-Python versions of the compiled fast paths.
-NO_SPEEDUPS_ENV = "GATEWAY_NO_SPEEDUPS"
-
 RequestFields: Callable[[int, int, bytes, Callable[..., Exception]], RequestFieldsType]
 scan_fields: Callable[[bytes], tuple[bytes, bytes | None, bytes | None, int]]
-try:
-    if os.environ.get(NO_SPEEDUPS_ENV, "") not in ("", "0"):
-        raise ImportError(NO_SPEEDUPS_ENV)
-    from gateway import _speedups
-except ImportError:  # built without a C compiler (setup.py): the same, slower
+if compiled is not None:
+    RequestFields = compiled.RequestFields
+    scan_fields = compiled.scan_fields
+else:
     RequestFields = RequestFieldsPy
     scan_fields = scan_fields_py
-else:
-    RequestFields = _speedups.RequestFields
-    scan_fields = _speedups.scan_fields
-#: whether the compiled fast paths are in use (the admin /status shows it)
-COMPILED = scan_fields is not scan_fields_py

@@ -35,7 +35,7 @@ from gateway.state import CLOSED, LOCAL, OK, Buckets, StateBackend, Verdict
 from gateway.state.gcra import TICKS_PER_SECOND, Limit, parse_rate, reset_after, retry_after
 from gateway.state.memory import SLOT_CACHE_SIZE, LocalBuckets
 from gateway.state.redis import RedisBackend, RedisBuckets
-from gateway.state.shm import STUCK_LOCK_TIMEOUT, SharedTable, Slot
+from gateway.state.shm import STUCK_LOCK_TIMEOUT, SharedTable, Slot, gcra_take
 from plugins.rate_limit.keys import compile_key
 
 _monotonic_ns = time.monotonic_ns
@@ -403,28 +403,31 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
         table = self._table
         assert table is not None
         # SharedTable.take1(), inlined (a call with its arguments is ~700 instructions, over
-        # 10% of this hook): the lock, the slot's words at its hint, one read, one write.
+        # 10% of this hook): the lock, then the take at the slot's hint (gcra_take, compiled
+        # where built), or the lookup when the key is not there.
         now = _monotonic_ns() // 1000
         q = table.words
         if not table.acquire(False) and not table.acquire(True, STUCK_LOCK_TIMEOUT):
             table._stuck()
         try:
-            i = slot.hint
-            if q[i] == slot.a and q[i + 1] == slot.b:
-                tat = q[i + 3]
-            else:
+            wait = gcra_take(q, slot.hint, slot.a, slot.b, now, self._step, self._tolerance)
+            if wait is not None:
+                allowed = wait >= 0
+                if not allowed:
+                    wait = -1 - wait
+            else:  # the key moved, or is new here
                 i = table._find(slot)
                 tat = q[i + 3] if i >= 0 else 0
-            if tat < now:
-                tat = now
-            wait = tat + self._step - now
-            allowed = wait <= self._tolerance
-            if allowed:
-                if i < 0:
-                    i = table._claim(slot, now)
-                q[i + 3] = now + wait
-            else:
-                wait = tat - now
+                if tat < now:
+                    tat = now
+                wait = tat + self._step - now
+                allowed = wait <= self._tolerance
+                if allowed:
+                    if i < 0:
+                        i = table._claim(slot, now)
+                    q[i + 3] = now + wait
+                else:
+                    wait = tat - now
         finally:
             try:
                 table.release()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.http.fields import NO_SPEEDUPS_ENV
+from gateway.speedups import NO_SPEEDUPS_ENV
 from tests.conftest import proxy_config
 from tests.support.client import Conn, parse_responses, raw_exchange, request
 from tests.support.procs import GatewayProcess, UpstreamProcess

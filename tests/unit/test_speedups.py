@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from array import array
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import _speedups
-from gateway.http import fields as fields_module
+from gateway import _speedups, speedups
 from gateway.http.fields import (
     CHUNKED,
     HAS_DATE,
@@ -28,6 +28,7 @@ from gateway.http.fields import (
     scan_fields_py,
 )
 from gateway.proxy import protocol
+from gateway.state.shm import gcra_take_py
 from gateway.upstream import connection
 from gateway.upstream.connection import MAX_RESPONSE_HEAD
 from tests.unit.test_flow_control import GET, Harness
@@ -126,14 +127,14 @@ def test_scan_results() -> None:
 
 
 def test_the_environment_variable_selects_the_python_versions() -> None:
-    code = "from gateway.http import fields; print(fields.COMPILED)"
+    code = "from gateway import speedups; print(speedups.COMPILED)"
     for env, expect in (({}, "True"), ({"GATEWAY_NO_SPEEDUPS": "1"}, "False")):
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True,
             env={"PATH": "/usr/bin:/bin", **env},
         )  # fmt: skip
         assert out.stdout.strip() == expect
-    assert fields_module.COMPILED
+    assert speedups.COMPILED
 
 
 # -- RequestFields: the client side's on_header --------------------------------------------------
@@ -395,3 +396,49 @@ def test_a_collection_inside_on_header_cannot_free_the_list_it_appends_to() -> N
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "collections inside on_header: 1"
+
+
+# -- gcra_take: a bucket's take in the shared-memory table ---------------------------------------
+I64 = st.integers(-(2**40), 2**40)
+
+
+@given(
+    st.lists(st.integers(-(2**40), 2**40), min_size=12, max_size=12),
+    st.integers(0, 8),
+    st.booleans(),
+    I64,
+    st.integers(0, 2**36),
+    st.integers(0, 2**38),
+)
+@settings(max_examples=500, deadline=None)
+def test_the_compiled_gcra_take_agrees_with_the_python_one(
+    words: list[int], i: int, match: bool, now: int, step: int, tolerance: int
+) -> None:
+    a, b = (words[i], words[i + 1]) if match else (words[i] + 1, words[i + 1])
+    results = []
+    for take in (_speedups.gcra_take, gcra_take_py):
+        q = memoryview(bytearray(8 * len(words))).cast("q")
+        q[:] = memoryview(array("q", words))
+        results.append((take(q, i, a, b, now, step, tolerance), q.tolist()))
+    assert results[0] == results[1]
+    if not match:
+        assert results[0][0] is None and results[0][1] == words
+
+
+def test_gcra_take_results() -> None:
+    for take in (_speedups.gcra_take, gcra_take_py):
+        q = memoryview(bytearray(8 * 8)).cast("q")
+        q[0], q[1], q[3] = 7, 9, 0  # a fresh bucket (TAT in the past)
+        assert take(q, 0, 7, 9, 1000, 100, 250) == 100 and q[3] == 1100
+        assert take(q, 0, 7, 9, 1000, 100, 250) == 200 and q[3] == 1200
+        assert take(q, 0, 7, 9, 1000, 100, 250) == -1 - 200 and q[3] == 1200  # denied: wait 200
+        assert take(q, 0, 7, 8, 1000, 100, 250) is None  # another key's slot
+    q = memoryview(bytearray(8 * 8)).cast("q")
+    q[0], q[1], q[3] = 7, 9, 2**63 - 10
+    # beyond 64 bits, or outside the table: the caller's Python path decides
+    assert _speedups.gcra_take(q, 0, 7, 9, 0, 100, 2**62) is None and q[3] == 2**63 - 10
+    assert _speedups.gcra_take(q, 0, 7, 9, 2**64, 1, 1) is None
+    assert _speedups.gcra_take(q, 5, 0, 0, 0, 1, 1) is None
+    assert _speedups.gcra_take(q, -1, 0, 0, 0, 1, 1) is None
+    with pytest.raises(BufferError):
+        _speedups.gcra_take(bytes(64), 0, 0, 0, 0, 1, 1)  # type: ignore[arg-type]  # read-only

@@ -1,0 +1,39 @@
+"""Which compiled fast paths the data plane runs.
+
+``gateway/_speedups.c`` holds compiled versions of per-request work. It is built at install
+when a C compiler and Python's headers are present (``setup.py``: an optional extension):
+
+- ``RequestFields`` and ``scan_fields``: the header fields of the client's request and of
+  the upstream's response (``gateway.http.fields``);
+- ``gcra_take``: a rate-limit bucket's take in the shared-memory table, with its lock held
+  (``gateway.state.shm``).
+
+Each has a pure-Python version next to its use that behaves the same (``tests/unit/
+test_speedups.py`` holds them to it) and runs when the extension is missing, or when
+``GATEWAY_NO_SPEEDUPS`` is set. ``COMPILED`` says which versions run (the admin ``/status``
+shows it per worker).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+#: Set (to anything but "" or "0"): run the pure-Python versions of the compiled fast paths.
+NO_SPEEDUPS_ENV = "GATEWAY_NO_SPEEDUPS"
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get(NO_SPEEDUPS_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from gateway import _speedups
+    except ImportError:  # built without a C compiler: the same, slower
+        return None
+    return _speedups
+
+
+#: the extension module, or None: the Python versions run
+compiled = _load()
+#: whether the compiled fast paths are in use
+COMPILED = compiled is not None
