@@ -521,8 +521,13 @@ gcra_take(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             Py_RETURN_NONE;  /* beyond 64 bits: the Python version's business */
         }
     }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
+    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "q") != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "gcra_take() takes a memoryview cast to 'q'");
+        return NULL;
+    }
     n = view.len / (Py_ssize_t)sizeof(int64_t);
     i = (Py_ssize_t)v[0];
     if (v[0] < 0 || v[0] > (long long)n - 4 || ((uintptr_t)view.buf % sizeof(int64_t)) != 0) {

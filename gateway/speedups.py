@@ -16,11 +16,14 @@ shows it per worker).
 
 from __future__ import annotations
 
+import logging
 import os
 from types import ModuleType
 
 #: Set (to anything but "" or "0"): run the pure-Python versions of the compiled fast paths.
 NO_SPEEDUPS_ENV = "GATEWAY_NO_SPEEDUPS"
+#: what this code takes from the extension
+_NAMES = ("RequestFields", "scan_fields", "gcra_take")
 
 
 def _load() -> ModuleType | None:
@@ -29,6 +32,14 @@ def _load() -> ModuleType | None:
     try:
         from gateway import _speedups
     except ImportError:  # built without a C compiler: the same, slower
+        return None
+    missing = [name for name in _NAMES if not hasattr(_speedups, name)]
+    if missing:  # a build older than this code (rebuild: pip install -e .)
+        logging.getLogger("gateway").warning(
+            "gateway/_speedups is an older build (no %s): running the Python versions; "
+            "rebuild it with: pip install -e .",
+            ", ".join(missing),
+        )
         return None
     return _speedups
 

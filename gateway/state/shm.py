@@ -76,7 +76,8 @@ def _semaphore_name(path: Path) -> str:
 def gcra_take_py(
     q: memoryview, i: int, a: int, b: int, now: int, step: int, tolerance: int
 ) -> int | None:
-    """A bucket's GCRA take at the table's word ``i``, the caller holding the lock: None
+    """A bucket's GCRA take at word ``i`` of the table's words (``q``: a memoryview cast to
+    ``'q'``), the caller holding the lock: None
     when the slot there is not the key's (fingerprint ``a``, ``b``: look it up); otherwise
     the wait after an allowed take (>= 0; the new TAT is written), or ``-1 - wait`` for a
     denied one (the bucket untouched). ``step`` is cost times the limit's interval.

@@ -187,6 +187,12 @@ class UpstreamConnection(asyncio.Protocol):
             raise ValueError("a response head with no blank line")
         if status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: not forwarded
+            _, length, _, flags = scan_fields(acc[acc.find(b"\r\n") + 2 : end + 2])
+            if flags & CHUNKED or (length is not None and length != b"0"):
+                # A 1xx has no content (RFC 9110 15.2) and may not frame one (RFC 9112 6.1),
+                # but llhttp reads one: what follows could not be told from the next head
+                # (an empty chunked body's trailer fields would pose as the final response's).
+                raise ValueError("a 1xx response framing content")
             rest = self._acc = acc[end + 4 :].lstrip(b"\r\n")  # the next head may follow
             if len(rest) > MAX_RESPONSE_HEAD and rest.find(b"\r\n\r\n", 0, MAX_RESPONSE_HEAD) < 0:
                 raise ValueError("a response head over MAX_RESPONSE_HEAD")

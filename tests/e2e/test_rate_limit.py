@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.speedups import NO_SPEEDUPS_ENV
 from tests.conftest import proxy_config
 from tests.support.client import Response, request
 from tests.support.procs import GatewayProcess, UpstreamProcess
@@ -36,12 +38,17 @@ def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
     return 0.0
 
 
+#: the compiled bucket take, and its Python version (gateway.speedups)
+SPEEDUPS = pytest.mark.parametrize("env", [{}, {NO_SPEEDUPS_ENV: "1"}], ids=["compiled", "python"])
+
+
+@SPEEDUPS
 def test_two_workers_of_one_node_admit_exactly_the_limit(
-    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
+    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess], env: dict[str, str]
 ) -> None:
     config = limited(upstream, {"key": "route", "rate": "25/h"})
     config["workers"] = 2
-    gw = start_gateway(config)
+    gw = start_gateway(config, extra_env=env)
     responses = burst_of(gw.port, 120)
     codes = [r.status for r in responses]
     assert codes.count(200) == 25, codes
@@ -52,6 +59,8 @@ def test_two_workers_of_one_node_admit_exactly_the_limit(
             assert int(r.header("retry-after") or 0) >= 1
     status = gw.admin("GET", "/status").json()
     assert len(status["workers"]) == 2
+    compiled = NO_SPEEDUPS_ENV not in env
+    assert all(w["compiled"] is compiled for w in status["workers"])
     plugin = next(p for p in status["plugins"] if p["plugin"] == "rate_limit")
     assert plugin["backend"] == "memory" and plugin["mode"] == "ok" and plugin["route"] == "all"
     paths = {
@@ -68,10 +77,13 @@ def test_two_workers_of_one_node_admit_exactly_the_limit(
     assert metric(gw, "gateway_ratelimit_decisions_total", route="all", decision="allowed") == 25
 
 
+@SPEEDUPS
 def test_headers_follow_the_remaining_budget_request_by_request(
-    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
+    upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess], env: dict[str, str]
 ) -> None:
-    gw = start_gateway(limited(upstream, {"rate": "4/h", "name": "hourly", "headers": "both"}))
+    gw = start_gateway(
+        limited(upstream, {"rate": "4/h", "name": "hourly", "headers": "both"}), extra_env=env
+    )
     for left in (3, 2, 1, 0):
         r = request(gw.port, "GET", "/x")
         assert r.status == 200

@@ -226,6 +226,11 @@ def test_request_fields_keep_what_the_proxy_needs() -> None:
         assert (rf.size, rf.count, rf.host, rf.rid, rf.xff, rf.connection) == (
             0, 0, b"", None, None, None
         )  # fmt: skip
+    for make in (_speedups.RequestFields, RequestFieldsPy):
+        rf = make(1, 10, b"x-request-id", lambda *args: "not an exception")
+        rf.reset([])
+        with pytest.raises(TypeError):
+            rf.on_header(b"X-Big", b"too big")
     bare = _speedups.RequestFields.__new__(_speedups.RequestFields)
     with pytest.raises(RuntimeError):
         bare.on_header(b"a", b"b")  # not initialised: an error, not a crash
@@ -282,6 +287,14 @@ def test_interim_responses_in_the_same_read_as_the_final_one(h: Harness) -> None
     assert b"link" not in out.lower()
 
 
+def test_an_interim_response_saying_content_length_0_is_passed_over(h: Harness) -> None:
+    # Not allowed in a 1xx either, but unambiguous: no content, the final head follows.
+    up, _ = h.pooled_upstream()
+    h.feed(GET)
+    up.data_received(b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n" + RESPONSE)
+    _client_response(h)
+
+
 def test_interim_response_split_from_the_final_one_mid_line(h: Harness) -> None:
     up, _ = h.pooled_upstream()
     h.feed(GET)
@@ -329,15 +342,26 @@ def test_blank_lines_then_an_endless_head_fail_the_exchange(h: Harness) -> None:
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_an_interim_response_with_content_fails_the_exchange(h: Harness, split: bool) -> None:
-    # A 1xx has no content; llhttp reads one when a 1xx says Content-Length. What follows it
-    # must not be taken for the final head (its bytes could pose as header fields).
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 199 Odd\r\nContent-Length: 30\r\n\r\na\r\nSet-Cookie: injected=1\r\n\r\n",
+        # an empty chunked body: no content bytes, but its trailer section follows the head
+        b"HTTP/1.1 199 Odd\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nSet-Cookie: injected=1\r\n"
+        b"\r\n",
+    ],
+)
+def test_an_interim_response_framing_content_fails_the_exchange(
+    h: Harness, split: bool, interim: bytes
+) -> None:
+    # A 1xx has no content and may not frame one; llhttp reads one when a 1xx says
+    # Content-Length or chunked. What follows must not be taken for the final head (its
+    # bytes could pose as header fields).
     up, ut = h.pooled_upstream()
     h.feed(GET)
-    interim = b"HTTP/1.1 199 Odd\r\nContent-Length: 30\r\n\r\na\r\nSet-Cookie: injected=1\r\n\r\n"
     if split:
-        up.data_received(interim[:40])
-        up.data_received(interim[40:] + RESPONSE)
+        up.data_received(interim[:20])
+        up.data_received(interim[20:] + RESPONSE)
     else:
         up.data_received(interim + RESPONSE)
     out = h.ct.take()
@@ -409,11 +433,14 @@ I64 = st.integers(-(2**40), 2**40)
     I64,
     st.integers(0, 2**36),
     st.integers(0, 2**38),
+    st.integers(0, 3),
 )
 @settings(max_examples=500, deadline=None)
 def test_the_compiled_gcra_take_agrees_with_the_python_one(
-    words: list[int], i: int, match: bool, now: int, step: int, tolerance: int
+    words: list[int], i: int, match: bool, now: int, step: int, tolerance: int, near: int
 ) -> None:
+    if near:  # at the boundary: the wait exactly the tolerance, or one off either way
+        tolerance = max(words[i + 3], now) + step - now + near - 2
     a, b = (words[i], words[i + 1]) if match else (words[i] + 1, words[i + 1])
     results = []
     for take in (_speedups.gcra_take, gcra_take_py):
@@ -432,6 +459,8 @@ def test_gcra_take_results() -> None:
         assert take(q, 0, 7, 9, 1000, 100, 250) == 100 and q[3] == 1100
         assert take(q, 0, 7, 9, 1000, 100, 250) == 200 and q[3] == 1200
         assert take(q, 0, 7, 9, 1000, 100, 250) == -1 - 200 and q[3] == 1200  # denied: wait 200
+        assert take(q, 0, 7, 9, 1000, 100, 300) == 300 and q[3] == 1300  # the last token (=)
+        assert take(q, 0, 7, 9, 1000, 100, 399) == -1 - 300 and q[3] == 1300  # one short
         assert take(q, 0, 7, 8, 1000, 100, 250) is None  # another key's slot
     q = memoryview(bytearray(8 * 8)).cast("q")
     q[0], q[1], q[3] = 7, 9, 2**63 - 10
@@ -441,4 +470,20 @@ def test_gcra_take_results() -> None:
     assert _speedups.gcra_take(q, 5, 0, 0, 0, 1, 1) is None
     assert _speedups.gcra_take(q, -1, 0, 0, 0, 1, 1) is None
     with pytest.raises(BufferError):
-        _speedups.gcra_take(bytes(64), 0, 0, 0, 0, 1, 1)  # type: ignore[arg-type]  # read-only
+        _speedups.gcra_take(bytes(64), 0, 0, 0, 0, 1, 1)
+    for wrong in (bytearray(64), memoryview(bytearray(64)).cast("Q")):
+        with pytest.raises(TypeError):  # the table's words only: 64-bit signed
+            _speedups.gcra_take(wrong, 0, 0, 0, 0, 1, 1)  # type: ignore[arg-type]  # read-only
+
+
+def test_an_older_build_of_the_extension_runs_the_python_versions() -> None:
+    # A build from before this code (a name missing) must not break the imports: warned,
+    # and the Python versions run.
+    code = (
+        "import sys, types; sys.modules['gateway._speedups'] = types.ModuleType('old'); "
+        "from gateway import speedups; from gateway.http import fields; "
+        "print(speedups.COMPILED, fields.scan_fields is fields.scan_fields_py)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False True"
+    assert "older build" in out.stderr and "pip install -e ." in out.stderr
