@@ -61,35 +61,25 @@ rf_init(RequestFields *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* Every object field, for the GC's traverse and clear. */
+#define RF_OBJECTS(X) \
+    X(host) X(length) X(te) X(expect) X(rid) X(connection) X(xff) X(items) X(rid_name) X(reject)
+
 static int
 rf_traverse(RequestFields *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->host);
-    Py_VISIT(self->length);
-    Py_VISIT(self->te);
-    Py_VISIT(self->expect);
-    Py_VISIT(self->rid);
-    Py_VISIT(self->connection);
-    Py_VISIT(self->xff);
-    Py_VISIT(self->items);
-    Py_VISIT(self->rid_name);
-    Py_VISIT(self->reject);
+#define RF_VISIT(field) Py_VISIT(self->field);
+    RF_OBJECTS(RF_VISIT)
+#undef RF_VISIT
     return 0;
 }
 
 static int
 rf_clear(RequestFields *self)
 {
-    Py_CLEAR(self->host);
-    Py_CLEAR(self->length);
-    Py_CLEAR(self->te);
-    Py_CLEAR(self->expect);
-    Py_CLEAR(self->rid);
-    Py_CLEAR(self->connection);
-    Py_CLEAR(self->xff);
-    Py_CLEAR(self->items);
-    Py_CLEAR(self->rid_name);
-    Py_CLEAR(self->reject);
+#define RF_CLEAR(field) Py_CLEAR(self->field);
+    RF_OBJECTS(RF_CLEAR)
+#undef RF_CLEAR
     return 0;
 }
 
@@ -328,40 +318,37 @@ name_is(const char *s, Py_ssize_t n, const char *lit)
     return lit[n] == '\0';
 }
 
-/* What a response field is to the proxy (connection.py: _RESPONSE_KINDS). */
+/* What a response field is to the proxy (fields.py: _RESPONSE_KINDS). */
+static const struct {
+    const char *name;
+    Py_ssize_t len;
+    enum kind kind;
+} KINDS[] = {
+    {"content-length", 14, CONTENT_LENGTH},
+    {"transfer-encoding", 17, TRANSFER_ENCODING},
+    {"connection", 10, CONNECTION},
+    {"date", 4, DATE},
+    {"x-request-id", 12, REQUEST_ID},
+    {"keep-alive", 10, ODD_FIELD},
+    {"proxy-connection", 16, ODD_FIELD},
+    {"proxy-authenticate", 18, ODD_FIELD},
+    {"proxy-authorization", 19, ODD_FIELD},
+    {"te", 2, ODD_FIELD},
+    {"trailer", 7, ODD_FIELD},
+    {"upgrade", 7, ODD_FIELD},
+    {"via", 3, ODD_FIELD},
+    {"strict-transport-security", 25, ODD_FIELD},
+};
+
 static enum kind
 kind_of(const char *s, Py_ssize_t n)
 {
-    switch (n) {
-    case 2:
-        return name_is(s, n, "te") ? ODD_FIELD : PLAIN;
-    case 3:
-        return name_is(s, n, "via") ? ODD_FIELD : PLAIN;
-    case 4:
-        return name_is(s, n, "date") ? DATE : PLAIN;
-    case 7:
-        return (name_is(s, n, "trailer") || name_is(s, n, "upgrade")) ? ODD_FIELD : PLAIN;
-    case 10:
-        if (name_is(s, n, "connection"))
-            return CONNECTION;
-        return name_is(s, n, "keep-alive") ? ODD_FIELD : PLAIN;
-    case 12:
-        return name_is(s, n, "x-request-id") ? REQUEST_ID : PLAIN;
-    case 14:
-        return name_is(s, n, "content-length") ? CONTENT_LENGTH : PLAIN;
-    case 16:
-        return name_is(s, n, "proxy-connection") ? ODD_FIELD : PLAIN;
-    case 17:
-        return name_is(s, n, "transfer-encoding") ? TRANSFER_ENCODING : PLAIN;
-    case 18:
-        return name_is(s, n, "proxy-authenticate") ? ODD_FIELD : PLAIN;
-    case 19:
-        return name_is(s, n, "proxy-authorization") ? ODD_FIELD : PLAIN;
-    case 25:
-        return name_is(s, n, "strict-transport-security") ? ODD_FIELD : PLAIN;
-    default:
-        return PLAIN;
+    size_t k;
+    for (k = 0; k < sizeof(KINDS) / sizeof(KINDS[0]); k++) {
+        if (KINDS[k].len == n && name_is(s, n, KINDS[k].name))
+            return KINDS[k].kind;
     }
+    return PLAIN;
 }
 
 /* Whether the value ends with "chunked" (ASCII case ignored), trailing blanks dropped. */

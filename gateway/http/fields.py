@@ -19,46 +19,10 @@ hundred (callgrind, ``python -m benchmarks.hotpath --callgrind``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 from gateway.speedups import compiled
 
 # -- request fields ------------------------------------------------------------------------------
-
-
-class RequestFieldsType(Protocol):
-    """What both versions of ``RequestFields`` offer (``size`` and ``items`` are set from
-    outside; the rest only read)."""
-
-    size: int
-    items: list[tuple[bytes, bytes, bytes]] | None
-
-    @property
-    def count(self) -> int: ...
-    @property
-    def host_count(self) -> int: ...
-    @property
-    def length_count(self) -> int: ...
-    @property
-    def te_count(self) -> int: ...
-    @property
-    def host(self) -> bytes: ...
-    @property
-    def length(self) -> bytes: ...
-    @property
-    def te(self) -> bytes: ...
-    @property
-    def expect(self) -> bytes | None: ...
-    @property
-    def rid(self) -> bytes | None: ...
-    @property
-    def connection(self) -> list[bytes] | None: ...
-    @property
-    def xff(self) -> list[bytes] | None: ...
-
-    def reset(self, items: list[tuple[bytes, bytes, bytes]] | None, /) -> None: ...
-
-    def on_header(self, name: bytes, value: bytes, /) -> None: ...
 
 
 _HOST, _CONTENT_LENGTH_REQ, _TRANSFER_ENCODING_REQ, _CONNECTION_REQ, _EXPECT, _XFF = range(1, 7)
@@ -242,7 +206,7 @@ def scan_fields_py(fields: bytes) -> tuple[bytes, bytes | None, bytes | None, in
     return (b"\r\n".join(plain) if cut else fields), length, connection, flags
 
 
-RequestFields: Callable[[int, int, bytes, Callable[..., Exception]], RequestFieldsType]
+RequestFields: type[RequestFieldsPy]
 scan_fields: Callable[[bytes], tuple[bytes, bytes | None, bytes | None, int]]
 if compiled is not None:
     RequestFields = compiled.RequestFields
