@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-httptools calls plain methods on this object as bytes arrive (``on_url``, ``on_header``, ...).
+httptools calls plain methods on this object as bytes arrive (``on_url``,
+``on_headers_complete``, ...; ``on_header`` is ``RequestFields.on_header``, gateway.http.fields).
 Each request becomes an ``Exchange``. One exchange is *active* at a time; requests a client
 pipelines behind it are parsed, validated and queued (their bodies buffered up to a
 watermark, past which reading pauses) and answered strictly in order.
@@ -56,11 +57,7 @@ from gateway.proxy.chain import Pending, PluginFailure
 from gateway.proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
 from gateway.proxy.forward import CONTINUE, connect, request_head, response_head
 from gateway.tls import describe_ssl_error, is_handshake_failure, upstream_tls_failed
-from gateway.upstream.connection import (
-    FRAMING_LENGTH,
-    FRAMING_NONE,
-    UpstreamConnection,
-)
+from gateway.upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 from gateway.upstream.retry import failover
 
 if TYPE_CHECKING:

@@ -8,6 +8,12 @@ side (``gateway.proxy.protocol.ClientConnection``) writes the request through ``
 into the client side: ``upstream_head``, ``upstream_body``, ``upstream_done`` and
 ``upstream_failed``.
 
+httptools makes no callback per response field here: the head's bytes are kept as they come
+(blank lines before the status line dropped, as llhttp skips them; 64 KiB at most), and at
+``on_headers_complete`` the field lines are sliced out of them and read in one call
+(``gateway.http.fields.scan_fields``, compiled where built). A 1xx that frames content is
+refused: what follows it could not be told from the next head.
+
 A connection goes back to its pool only when the response was complete, the request was
 fully written, and both sides agreed to keep it alive. Anything else — an error, bytes
 beyond the response, bytes arriving while idle — closes it: a connection in an unknown state
