@@ -45,6 +45,8 @@ class Endpoint:
     tls: bool = False
     tls_verify: bool = True
     tls_ca: str | None = None
+    tls_cert: str | None = None  # a client certificate (PEM; may hold the key too)
+    tls_key: str | None = None
     username: str | None = None
     password: str | None = None
     db: int = 0
@@ -80,6 +82,8 @@ class Endpoint:
             tls=scheme == "rediss",
             tls_verify=reqs not in ("none", "cert_none"),
             tls_ca=param("ssl_ca_certs"),
+            tls_cert=param("ssl_certfile"),
+            tls_key=param("ssl_keyfile"),
             username=username or None,
             password=password or None,
             db=int(db),
@@ -92,6 +96,8 @@ class Endpoint:
         if not self.tls_verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        if self.tls_cert is not None:  # for a server that asks for one (tls-auth-clients)
+            context.load_cert_chain(self.tls_cert, self.tls_key)
         return context
 
     def describe(self) -> str:

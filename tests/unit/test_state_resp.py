@@ -1,14 +1,16 @@
 """The lean RESP connection (``gateway.state.resp``) against a real redis-server, on uvloop as
 in a worker: pipelined replies in order, error replies, a lost connection, a garbled or
-unasked-for reply, AUTH and SELECT from the URL."""
+unasked-for reply, AUTH and SELECT from the URL, TLS with a client certificate."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 
 from gateway.config.model import StateConfig
@@ -171,5 +173,69 @@ def test_backend_with_a_password_url_on_uvloop(secured: RedisServer) -> None:
             assert "WRONGPASS" in bad.status()["last_error"] or "invalid" in bad.last_error
         finally:
             await bad.close()
+
+    uvloop.run(main())
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Path]]:
+    """A redis-server speaking only TLS, asking clients for a certificate from its CA."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    client = ca.issue_cert("gateway")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.crt"))
+    client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    server = RedisServer()
+    server.extra = ("--port", "0", "--tls-port", str(server.port),
+                    "--tls-cert-file", str(tmp_path / "server.pem"),
+                    "--tls-key-file", str(tmp_path / "server.pem"),
+                    "--tls-ca-cert-file", str(tmp_path / "ca.pem"),
+                    "--tls-auth-clients", "yes")  # fmt: skip
+    server.restart()
+    yield server, tmp_path
+    server.stop()
+
+
+def test_rediss_with_a_client_certificate(tls_redis: tuple[RedisServer, Path]) -> None:
+    server, certs = tls_redis
+    base = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={certs / 'ca.pem'}"
+    with_cert = f"{base}&ssl_certfile={certs / 'client.crt'}&ssl_keyfile={certs / 'client.key'}"
+    e = Endpoint.from_url(with_cert)
+    assert (e.tls, e.tls_cert, e.tls_key) == (
+        True,
+        str(certs / "client.crt"),
+        str(certs / "client.key"),
+    )
+
+    async def main() -> None:
+        backend = RedisBackend(StateConfig(backend="redis", url=with_cert, timeout=2.0))
+        await backend.start()
+        try:
+            assert backend.healthy, backend.status()
+            buckets = backend.buckets((Limit(2, 60, 2, "m"),))
+            verdicts = await asyncio.gather(*(buckets.take("k", 1) for _ in range(3)))
+            assert [v.allowed for v in verdicts] == [True, True, False]
+            assert {v.mode for v in verdicts} == {OK}
+        finally:
+            await backend.close()
+        # The server asks for a certificate: without one the handshake fails, and the backend
+        # says why (degraded; on_error decides what checks get).
+        bare = RedisBackend(StateConfig(backend="redis", url=base, timeout=0.5))
+        await bare.start()
+        try:
+            assert not bare.healthy and bare.status()["last_error"]
+        finally:
+            await bare.close()
+        # A certificate file that is not there: the same, with the reason.
+        missing = with_cert.replace("client.crt", "nowhere.crt")
+        gone = RedisBackend(StateConfig(backend="redis", url=missing, timeout=0.5))
+        await gone.start()
+        try:
+            assert not gone.healthy and "No such file" in gone.status()["last_error"]
+        finally:
+            await gone.close()
 
     uvloop.run(main())
