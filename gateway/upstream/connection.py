@@ -98,7 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.held: bytes | None = None
         self.length_value: bytes | None = None
         self.connection_value: bytes | None = None
-        #: the response's plain field lines, ready to write (see _RESPONSE_KINDS)
+        #: the response's plain field lines, ready to write (gateway.http.fields.scan_fields)
         self.plain = b""
         #: scan_fields' flags (HAS_DATE, HAS_REQUEST_ID, ODD_FIELDS, CHUNKED)
         self.field_flags = 0
