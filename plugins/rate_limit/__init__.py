@@ -305,6 +305,13 @@ class RateLimitPlugin(Plugin):
         return Reply.error("rate_limited", headers=((b"retry-after", b"%d" % seconds),))
 
     # -- response headers -----------------------------------------------------------------------
+    def _cache_headers(self, wait: int) -> HeaderLines:
+        """``_single_headers(wait)``, kept in the bounded cache the hooks read first."""
+        if len(self._headers_of) >= HEADER_CACHE_SIZE:
+            self._headers_of.clear()
+        lines = self._headers_of[wait] = self._single_headers(wait)
+        return lines
+
     def _single_headers(self, wait: int) -> HeaderLines:
         """The headers for a single limit whose bucket is ``wait`` ticks ahead of now."""
         lim = self.limits[0]
@@ -433,12 +440,8 @@ class MemoryRateLimitPlugin(RateLimitPlugin):
                 table.release()
             except ValueError:  # see SharedTable._unlock
                 pass
-        if self._emit:  # headers cached by wait (a method for it costs a call, ~500 instructions)
-            lines = self._headers_of.get(wait)
-            if lines is None:
-                if len(self._headers_of) >= HEADER_CACHE_SIZE:
-                    self._headers_of.clear()
-                lines = self._headers_of[wait] = self._single_headers(wait)
+        if self._emit:  # headers cached by wait (a call on a hit would cost ~500 instructions)
+            lines = self._headers_of.get(wait) or self._cache_headers(wait)
             extra = ex.response_extra  # ex.add_response_headers(), inlined
             ex.response_extra = lines if extra is None else extra + lines
         if allowed:
@@ -511,11 +514,7 @@ class RedisRateLimitPlugin(RateLimitPlugin):
                 # counter bumped inline.
                 if self._emit:  # as in the memory hook
                     wait = waits[0]
-                    lines = self._headers_of.get(wait)
-                    if lines is None:
-                        if len(self._headers_of) >= HEADER_CACHE_SIZE:
-                            self._headers_of.clear()
-                        lines = self._headers_of[wait] = self._single_headers(wait)
+                    lines = self._headers_of.get(wait) or self._cache_headers(wait)
                     extra = ex.response_extra  # ex.add_response_headers(), inlined
                     ex.response_extra = lines if extra is None else extra + lines
                 child = self._allowed_child
