@@ -1,5 +1,6 @@
 /* Compiled fast paths for the data plane's per-request work, with the same behaviour as the
- * pure-Python versions they stand in for (gateway/upstream/connection.py, scan_fields_py).
+ * pure-Python versions they stand in for (gateway/http/fields.py, gateway/state/shm.py,
+ * gateway/proxy/forward.py).
  * Built when a C compiler is present (setup.py: an optional extension); the gateway runs the
  * Python versions otherwise. tests/unit/test_speedups.py checks the two agree.
  *
@@ -467,10 +468,16 @@ scan_fields(PyObject *Py_UNUSED(module), PyObject *arg)
     else {
         plain = Py_NewRef(arg);
     }
-    result = Py_BuildValue("(NOOi)", plain, length ? length : Py_None,
-                           connection ? connection : Py_None, flags);
-    Py_XDECREF(length);
-    Py_XDECREF(connection);
+    value = PyLong_FromLong(flags);
+    result = value == NULL ? NULL : PyTuple_New(4);
+    if (result == NULL) {
+        Py_XDECREF(value);
+        goto error;
+    }
+    PyTuple_SET_ITEM(result, 0, plain);
+    PyTuple_SET_ITEM(result, 1, length ? length : Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(result, 2, connection ? connection : Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(result, 3, value);
     return result;
 
 error:
@@ -550,6 +557,1072 @@ gcra_take(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* -- TraceChild: the traceparent sent upstream --------------------------------------------- */
+
+/* TraceChild(hex_block, random)(incoming, sample_ratio) -> (trace_id, traceparent): the
+ * reference version is gateway/http/trace.py's child_py. Random hex digits come in blocks
+ * from hex_block() (48 a request: 32 of trace id, 16 of span id); random() draws the
+ * sampling decision of a new trace when the ratio is below 1. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *hex_block, *random;
+    PyObject *buf;          /* bytes of hex digits, or NULL */
+    Py_ssize_t pos;
+} TraceChild;
+
+#define TRACE_VALUE_LEN 55  /* 00-<32 hex>-<16 hex>-<2 hex> */
+
+static int
+is_lower_hex(const char *s, Py_ssize_t n)
+{
+    Py_ssize_t i;
+
+    for (i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+static int
+all_zeros(const char *s, Py_ssize_t n)
+{
+    Py_ssize_t i;
+
+    for (i = 0; i < n; i++)
+        if (s[i] != '0')
+            return 0;
+    return 1;
+}
+
+/* trace.parse: the incoming value's trace id and flags (pointers into s), or 0 */
+static int
+trace_parse(const char *s, Py_ssize_t n, const char **trace_id, const char **flags)
+{
+    /* bytes.strip(): ASCII whitespace at both ends */
+    while (n > 0 && Py_ISSPACE(*s)) {
+        s++;
+        n--;
+    }
+    while (n > 0 && Py_ISSPACE(s[n - 1]))
+        n--;
+    if (n < TRACE_VALUE_LEN || s[2] != '-' || s[35] != '-' || s[52] != '-'
+        || !is_lower_hex(s, 2) || !is_lower_hex(s + 3, 32) || !is_lower_hex(s + 36, 16)
+        || !is_lower_hex(s + 53, 2))
+        return 0;
+    if (n > TRACE_VALUE_LEN) {  /* (-.*)?: a dash, then anything but a line feed */
+        if (s[TRACE_VALUE_LEN] != '-'
+            || memchr(s + TRACE_VALUE_LEN + 1, '\n', (size_t)(n - TRACE_VALUE_LEN - 1)) != NULL)
+            return 0;
+        if (s[0] == '0' && s[1] == '0')
+            return 0;  /* version 00 has nothing after the flags */
+    }
+    if ((s[0] == 'f' && s[1] == 'f') || all_zeros(s + 3, 32) || all_zeros(s + 36, 16))
+        return 0;
+    *trace_id = s + 3;
+    *flags = s + 53;
+    return 1;
+}
+
+/* The traceparent value for incoming (None or bytes-like) into out; 0, or -1 with an
+ * exception. */
+static int
+trace_make(TraceChild *self, PyObject *incoming, PyObject *ratio, char *out)
+{
+    Py_buffer view;
+    const char *trace_id = NULL, *flags = NULL, *ids;
+    PyObject *block, *drawn;
+    double r, x;
+    int parsed = 0, sampled;
+
+    if (self->hex_block == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "TraceChild.__init__ was not called");
+        return -1;
+    }
+    if (self->buf == NULL || self->pos + 48 > PyBytes_GET_SIZE(self->buf)) {
+        block = PyObject_CallNoArgs(self->hex_block);
+        if (block == NULL)
+            return -1;
+        if (!PyBytes_Check(block) || PyBytes_GET_SIZE(block) < 48) {
+            Py_DECREF(block);
+            PyErr_SetString(PyExc_ValueError, "hex_block() must return at least 48 bytes");
+            return -1;
+        }
+        Py_XSETREF(self->buf, block);
+        self->pos = 0;
+    }
+    ids = PyBytes_AS_STRING(self->buf) + self->pos;
+    self->pos += 48;
+    memcpy(out, "00-", 3);
+    memcpy(out + 35, "-", 1);
+    memcpy(out + 36, ids + 32, 16);
+    memcpy(out + 52, "-", 1);
+    if (incoming != Py_None) {
+        if (PyObject_GetBuffer(incoming, &view, PyBUF_SIMPLE) < 0)
+            return -1;
+        parsed = trace_parse(view.buf, view.len, &trace_id, &flags);
+        if (parsed) {
+            memcpy(out + 3, trace_id, 32);
+            /* only the sampled bit is defined for version 00; others are not ours to set */
+            sampled = strchr("13579bdf", flags[1]) != NULL;
+        }
+        PyBuffer_Release(&view);
+    }
+    if (!parsed) {
+        memcpy(out + 3, ids, 32);
+        r = PyFloat_AsDouble(ratio);
+        if (r == -1.0 && PyErr_Occurred())
+            return -1;
+        sampled = r >= 1.0;
+        if (!sampled) {
+            drawn = PyObject_CallNoArgs(self->random);
+            if (drawn == NULL)
+                return -1;
+            x = PyFloat_AsDouble(drawn);
+            Py_DECREF(drawn);
+            if (x == -1.0 && PyErr_Occurred())
+                return -1;
+            sampled = x < r;
+        }
+    }
+    memcpy(out + 53, sampled ? "01" : "00", 2);
+    return 0;
+}
+
+static PyObject *
+trace_child_call(TraceChild *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *incoming, *ratio, *trace_id, *value, *result;
+    char out[TRACE_VALUE_LEN];
+    static char *kwlist[] = {"incoming", "sample_ratio", NULL};
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:child", kwlist, &incoming, &ratio))
+        return NULL;
+    if (trace_make(self, incoming, ratio, out) < 0)
+        return NULL;
+    trace_id = PyBytes_FromStringAndSize(out + 3, 32);
+    value = trace_id == NULL ? NULL : PyBytes_FromStringAndSize(out, TRACE_VALUE_LEN);
+    result = value == NULL ? NULL : PyTuple_Pack(2, trace_id, value);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(value);
+    return result;
+}
+
+static int
+trace_child_init(TraceChild *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *hex_block, *random;
+    static char *kwlist[] = {"hex_block", "random", NULL};
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:TraceChild", kwlist, &hex_block, &random))
+        return -1;
+    Py_XSETREF(self->hex_block, Py_NewRef(hex_block));
+    Py_XSETREF(self->random, Py_NewRef(random));
+    Py_CLEAR(self->buf);
+    self->pos = 0;
+    return 0;
+}
+
+static int
+trace_child_traverse(TraceChild *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->hex_block);
+    Py_VISIT(self->random);
+    return 0;
+}
+
+static int
+trace_child_clear(TraceChild *self)
+{
+    Py_CLEAR(self->hex_block);
+    Py_CLEAR(self->random);
+    Py_CLEAR(self->buf);
+    return 0;
+}
+
+static void
+trace_child_dealloc(TraceChild *self)
+{
+    PyObject_GC_UnTrack(self);
+    trace_child_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject TraceChildType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway._speedups.TraceChild",
+    .tp_doc = "TraceChild(hex_block, random)\n\n"
+              "Called as (incoming, sample_ratio) -> (trace_id, traceparent): "
+              "gateway.http.trace.child_py, compiled.",
+    .tp_basicsize = sizeof(TraceChild),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)trace_child_init,
+    .tp_call = (ternaryfunc)trace_child_call,
+    .tp_dealloc = (destructor)trace_child_dealloc,
+    .tp_traverse = (traverseproc)trace_child_traverse,
+    .tp_clear = (inquiry)trace_child_clear,
+};
+
+
+/* -- Heads: the request head sent upstream, the response head sent back -------------------- */
+
+/* The reference versions are gateway/proxy/forward.py's request_head_py and
+ * response_head_py: these read the same attributes, in the same order where it can be seen
+ * (a getter with side effects: FieldLines.items), and write the same bytes. A Heads holds
+ * the module constants they use, given once by forward.py. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *status_lines_10, *status_lines_11;   /* tuples, indexed by status */
+    PyObject *status_line;                         /* status_line(status, http10) */
+    PyObject *plain_connection;                    /* Connection values naming nothing */
+    PyObject *connection_tokens;                   /* connection_tokens(value) -> list */
+    PyObject *response_skip, *response_skip_hsts;  /* sets of lower-case names */
+    PyObject *trace_child;                         /* trace.child(incoming, ratio) */
+    PyObject *body_chunked;                        /* Exchange.body_kind of a chunked body */
+    long has_date, has_request_id;                 /* UpstreamConnection.field_flags bits */
+} Heads;
+
+#define HEADS_OBJECTS(X) \
+    X(status_lines_10) X(status_lines_11) X(status_line) X(plain_connection) \
+    X(connection_tokens) X(response_skip) X(response_skip_hsts) X(trace_child) X(body_chunked)
+
+/* Interned attribute names and constant pieces, made at module init. */
+#define HEAD_NAMES(X) \
+    X(method) X(query) X(url) X(headers) X(items) X(route) X(preserve_host) X(host) \
+    X(host_header) X(conn) X(peer_ip_bytes) X(scheme) X(via) X(body_kind) X(length_header) \
+    X(request_id_raw) X(request_id) X(trace) X(traceparent) X(sample_ratio) X(trace_id) \
+    X(tls_client) X(header_block) X(request_skip) X(status) X(http10) X(hsts) \
+    X(response_headers) X(request_id_header) X(plain) X(field_flags) X(keep_alive)
+
+/* An attribute read, cached as the interpreter's LOAD_ATTR_SLOT caches it: for a type whose
+ * attribute is a __slots__ member (and which reads attributes the default way), the value's
+ * offset in the object, valid while the type's version tag is the one seen. A type changed
+ * since gets a new tag (0 until then), and the read takes the generic path again. */
+typedef struct {
+    PyTypeObject *type;     /* not a reference: only compared, while the tag matches */
+    unsigned int version;   /* 0: nothing cached */
+    Py_ssize_t offset;
+} SlotCache;
+
+#define NAME_DECL(name) \
+    static PyObject *str_##name; static SlotCache cache_##name __attribute__((unused));
+HEAD_NAMES(NAME_DECL)
+#undef NAME_DECL
+
+/* obj.<name> (a new reference), through the cache */
+static PyObject *
+slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    PyObject *descr, *value;
+    PyMemberDef *member;
+
+    if (tp == cache->type && cache->version != 0 && tp->tp_version_tag == cache->version) {
+        value = *(PyObject **)((char *)obj + cache->offset);
+        if (value != NULL)
+            return Py_NewRef(value);
+        return PyObject_GetAttr(obj, name);  /* unset: its AttributeError */
+    }
+    if (tp->tp_getattro == PyObject_GenericGetAttr) {
+        descr = _PyType_Lookup(tp, name);  /* borrowed; gives the type a version tag */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            member = ((PyMemberDescrObject *)descr)->d_member;
+            if (member->type == T_OBJECT_EX && !(member->flags & PY_AUDIT_READ)
+                && tp->tp_version_tag != 0) {
+                cache->type = tp;
+                cache->version = tp->tp_version_tag;
+                cache->offset = member->offset;
+            }
+        }
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+#define HEAD_LITERALS(X) \
+    X(space, " ") X(question, "?") X(http11_crlf, " HTTP/1.1\r\n") X(colon_space, ": ") \
+    X(crlf, "\r\n") X(comma_space, ", ") X(xff, "x-forwarded-for: ") \
+    X(xfp, "x-forwarded-proto: ") X(xfh, "x-forwarded-host: ") X(via_colon, "via: ") \
+    X(te_chunked, "transfer-encoding: chunked\r\n") X(content_length, "content-length: ") \
+    X(traceparent_colon, "traceparent: ") X(host_colon, "host: ") X(crlf_crlf, "\r\n\r\n") \
+    X(close_end, "connection: close\r\n\r\n") X(keep_alive_end, "connection: keep-alive\r\n\r\n")
+
+#define LIT_DECL(name, text) static PyObject *lit_##name;
+HEAD_LITERALS(LIT_DECL)
+#undef LIT_DECL
+
+/* The names request_head_py and response_head_py compare with. */
+static const struct { const char *s; Py_ssize_t n; } n_xff = {"x-forwarded-for", 15},
+    n_xfp = {"x-forwarded-proto", 17}, n_xfh = {"x-forwarded-host", 16}, n_via = {"via", 3},
+    n_traceparent = {"traceparent", 11}, n_date = {"date", 4};
+
+static int
+bytes_is(PyObject *o, const char *s, Py_ssize_t n)
+{
+    return PyBytes_Check(o) && PyBytes_GET_SIZE(o) == n && memcmp(PyBytes_AS_STRING(o), s, n) == 0;
+}
+
+/* The pieces of a head: strong references to bytes objects, joined at the end. */
+typedef struct {
+    PyObject **v;
+    Py_ssize_t n, cap, size;
+    PyObject *local[48];
+} Parts;
+
+static void
+parts_init(Parts *p)
+{
+    p->v = p->local;
+    p->n = p->size = 0;
+    p->cap = (Py_ssize_t)(sizeof(p->local) / sizeof(p->local[0]));
+}
+
+static void
+parts_free(Parts *p)
+{
+    Py_ssize_t i;
+
+    for (i = 0; i < p->n; i++)
+        Py_DECREF(p->v[i]);
+    if (p->v != p->local)
+        PyMem_Free(p->v);
+    p->n = 0;
+    p->v = p->local;
+}
+
+/* Append o (borrowed): bytes as they are, another bytes-like object copied (as b"".join
+ * takes them), anything else a TypeError. */
+static int
+parts_add(Parts *p, PyObject *o)
+{
+    PyObject **grown;
+
+    if (PyBytes_Check(o)) {
+        Py_INCREF(o);
+    }
+    else if (PyObject_CheckBuffer(o)) {
+        o = PyBytes_FromObject(o);
+        if (o == NULL)
+            return -1;
+    }
+    else {
+        PyErr_Format(PyExc_TypeError, "a head's piece must be a bytes-like object, not %.100s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (p->n == p->cap) {
+        grown = PyMem_Malloc((size_t)p->cap * 2 * sizeof(PyObject *));
+        if (grown == NULL) {
+            Py_DECREF(o);
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(grown, p->v, (size_t)p->n * sizeof(PyObject *));
+        if (p->v != p->local)
+            PyMem_Free(p->v);
+        p->v = grown;
+        p->cap *= 2;
+    }
+    if (PyBytes_GET_SIZE(o) > PY_SSIZE_T_MAX - p->size) {
+        Py_DECREF(o);
+        PyErr_NoMemory();
+        return -1;
+    }
+    p->v[p->n++] = o;
+    p->size += PyBytes_GET_SIZE(o);
+    return 0;
+}
+
+/* Append a field line: name, ": ", value, CRLF. */
+static int
+parts_line(Parts *p, PyObject *name, PyObject *value)
+{
+    return (parts_add(p, name) < 0 || parts_add(p, lit_colon_space) < 0
+            || parts_add(p, value) < 0 || parts_add(p, lit_crlf) < 0) ? -1 : 0;
+}
+
+/* The joined bytes; the parts are released either way. */
+static PyObject *
+parts_join(Parts *p)
+{
+    PyObject *out;
+    char *w;
+    Py_ssize_t i, k;
+
+    out = PyBytes_FromStringAndSize(NULL, p->size);
+    if (out != NULL) {
+        w = PyBytes_AS_STRING(out);
+        for (i = 0; i < p->n; i++) {
+            k = PyBytes_GET_SIZE(p->v[i]);
+            memcpy(w, PyBytes_AS_STRING(p->v[i]), (size_t)k);
+            w += k;
+        }
+    }
+    parts_free(p);
+    return out;
+}
+
+/* A header triple's three items (borrowed, valid while the tuple is held): the tuple given
+ * back, a new reference, for the caller to release. */
+static PyObject *
+unpack_triple(PyObject *item, PyObject **lname, PyObject **raw, PyObject **value)
+{
+    PyObject *t;
+
+    t = PyTuple_CheckExact(item) ? Py_NewRef(item) : PySequence_Tuple(item);
+    if (t == NULL)
+        return NULL;
+    if (PyTuple_GET_SIZE(t) != 3) {
+        PyErr_Format(PyExc_ValueError, "a header is 3 items (name, raw name, value), not %zd",
+                     PyTuple_GET_SIZE(t));
+        Py_DECREF(t);
+        return NULL;
+    }
+    *lname = PyTuple_GET_ITEM(t, 0);
+    *raw = PyTuple_GET_ITEM(t, 1);
+    *value = PyTuple_GET_ITEM(t, 2);
+    return t;
+}
+
+/* a + ", " + b, as the Python versions join Via values */
+static PyObject *
+join2(PyObject *a, PyObject *b)
+{
+    Parts p;
+
+    parts_init(&p);
+    if (parts_add(&p, a) < 0 || parts_add(&p, lit_comma_space) < 0 || parts_add(&p, b) < 0) {
+        parts_free(&p);
+        return NULL;
+    }
+    return parts_join(&p);
+}
+
+/* the headers' items list (a new reference) */
+static PyObject *
+header_items(PyObject *headers_owner, PyObject *attr)
+{
+    PyObject *headers, *items;
+
+    headers = slot_get(headers_owner, attr, attr == str_headers ? &cache_headers
+                                                                : &cache_response_headers);
+    if (headers == NULL)
+        return NULL;
+    items = slot_get(headers, str_items, &cache_items);
+    Py_DECREF(headers);
+    if (items != NULL && !PyList_Check(items)) {
+        Py_SETREF(items, PySequence_List(items));
+    }
+    return items;
+}
+
+/* request_head(ex, target, path, trusted_peer, fwd) -> bytes: request_head_py */
+static PyObject *
+heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *ex, *target, *path, *fwd;
+    PyObject *items = NULL, *xff = NULL, *xfp = NULL, *xfh = NULL, *via = NULL, *incoming = NULL;
+    PyObject *o = NULL, *o2 = NULL, *conn = NULL, *host = NULL, *t, *lname, *raw, *value;
+    PyObject *skip = NULL, *child = NULL, *decoded, *tid;
+    char trace_out[TRACE_VALUE_LEN];
+    Parts p;
+    Py_ssize_t i;
+    int trusted, r;
+
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "request_head() takes 5 arguments");
+        return NULL;
+    }
+    ex = args[0];
+    target = args[1];
+    path = args[2];
+    fwd = args[4];
+    trusted = PyObject_IsTrue(args[3]);
+    if (trusted < 0)
+        return NULL;
+    parts_init(&p);
+
+#define GET(dst, obj, name) do { Py_XSETREF(dst, slot_get(obj, str_##name, &cache_##name)); \
+        if ((dst) == NULL) goto error; } while (0)
+#define ADD(obj) do { if (parts_add(&p, obj) < 0) goto error; } while (0)
+#define TRUTH(dst, obj) do { dst = PyObject_IsTrue(obj); if ((dst) < 0) goto error; } while (0)
+
+    GET(o, ex, method);
+    ADD(o);
+    ADD(lit_space);
+    ADD(path);
+    GET(o, ex, query);
+    TRUTH(r, o);
+    if (r) {
+        ADD(lit_question);
+        ADD(o);
+    }
+    else {
+        GET(o, ex, url);
+        if (PyBytes_Check(o))
+            r = memchr(PyBytes_AS_STRING(o), '?', (size_t)PyBytes_GET_SIZE(o)) != NULL;
+        else {
+            o2 = PyLong_FromLong('?');
+            if (o2 == NULL)
+                goto error;
+            r = PySequence_Contains(o, o2);
+            Py_CLEAR(o2);
+            if (r < 0)
+                goto error;
+        }
+        if (r)
+            ADD(lit_question);
+    }
+    ADD(lit_http11_crlf);
+
+    xff = PyList_New(0);
+    if (xff == NULL)
+        goto error;
+    xfp = Py_NewRef(empty_bytes);
+    xfh = Py_NewRef(empty_bytes);
+    via = Py_NewRef(empty_bytes);
+    incoming = Py_NewRef(Py_None);
+    GET(skip, fwd, request_skip);
+    items = header_items(ex, str_headers);
+    if (items == NULL)
+        goto error;
+    for (i = 0; i < PyList_GET_SIZE(items); i++) {
+        t = unpack_triple(PyList_GET_ITEM(items, i), &lname, &raw, &value);
+        if (t == NULL)
+            goto error;
+        r = PySet_Contains(skip, lname);
+        if (r < 0) {
+            Py_DECREF(t);
+            goto error;
+        }
+        if (r) {
+            if (bytes_is(lname, n_xff.s, n_xff.n))
+                r = PyList_Append(xff, value);
+            else if (bytes_is(lname, n_xfp.s, n_xfp.n))
+                Py_SETREF(xfp, Py_NewRef(value));
+            else if (bytes_is(lname, n_xfh.s, n_xfh.n))
+                Py_SETREF(xfh, Py_NewRef(value));
+            else if (bytes_is(lname, n_via.s, n_via.n)) {
+                r = PyObject_IsTrue(via);
+                if (r == 0)
+                    Py_SETREF(via, Py_NewRef(value));
+                else if (r > 0) {
+                    o2 = join2(via, value);
+                    if (o2 == NULL)
+                        r = -1;
+                    else {
+                        Py_SETREF(via, o2);
+                        o2 = NULL;
+                        r = 0;
+                    }
+                }
+            }
+            else if (bytes_is(lname, n_traceparent.s, n_traceparent.n))
+                Py_SETREF(incoming, Py_NewRef(value));
+            Py_DECREF(t);
+            if (r < 0)
+                goto error;
+            continue;
+        }
+        r = parts_line(&p, raw, value);
+        Py_DECREF(t);
+        if (r < 0)
+            goto error;
+    }
+
+    /* host = ex.host if (route is not None and route.preserve_host and ex.host) else
+     * target.host_header */
+    GET(o, ex, route);
+    r = 0;
+    if (o != Py_None) {
+        GET(o2, o, preserve_host);
+        TRUTH(r, o2);
+        if (r) {
+            GET(host, ex, host);
+            TRUTH(r, host);
+        }
+    }
+    if (!r)
+        GET(host, target, host_header);
+    GET(conn, ex, conn);
+    GET(o, conn, peer_ip_bytes);
+    ADD(lit_xff);
+    if (trusted && PyList_GET_SIZE(xff) > 0) {
+        for (i = 0; i < PyList_GET_SIZE(xff); i++) {
+            ADD(PyList_GET_ITEM(xff, i));
+            ADD(lit_comma_space);
+        }
+    }
+    ADD(o);
+    ADD(lit_crlf);
+    ADD(lit_xfp);
+    TRUTH(r, xfp);
+    if (trusted && r)
+        ADD(xfp);
+    else {
+        GET(o, conn, scheme);
+        ADD(o);
+    }
+    ADD(lit_crlf);
+    TRUTH(r, xfh);
+    if (trusted && r)
+        Py_XSETREF(o, Py_NewRef(xfh));
+    else
+        GET(o, ex, host);
+    TRUTH(r, o);
+    if (r) {  /* an HTTP/1.0 request may carry no Host at all */
+        ADD(lit_xfh);
+        ADD(o);
+        ADD(lit_crlf);
+    }
+    GET(o, fwd, via);
+    TRUTH(r, o);
+    if (r) {
+        ADD(lit_via_colon);
+        TRUTH(r, via);
+        if (r) {
+            ADD(via);
+            ADD(lit_comma_space);
+        }
+        ADD(o);
+        ADD(lit_crlf);
+    }
+    GET(o, ex, body_kind);
+    r = PyObject_RichCompareBool(o, self->body_chunked, Py_EQ);
+    if (r < 0)
+        goto error;
+    if (r)
+        ADD(lit_te_chunked);
+    else {
+        GET(o, ex, length_header);
+        if (o != Py_None) {
+            ADD(lit_content_length);
+            ADD(o);
+            ADD(lit_crlf);
+        }
+    }
+    GET(o, fwd, request_id_raw);
+    ADD(o);
+    ADD(lit_colon_space);
+    GET(o, ex, request_id);
+    Py_SETREF(o, PyUnicode_Check(o) ? PyUnicode_AsLatin1String(o)
+                                    : PyObject_CallMethod(o, "encode", "s", "latin-1"));
+    if (o == NULL)
+        goto error;
+    ADD(o);
+    ADD(lit_crlf);
+    GET(o, fwd, trace);
+    TRUTH(r, o);
+    if (r) {
+        GET(o, ex, traceparent);
+        if (o == Py_None) {  /* a retry keeps the first attempt's */
+            GET(o2, fwd, sample_ratio);
+            if (Py_IS_TYPE(self->trace_child, &TraceChildType)) {  /* trace.child compiled */
+                r = trace_make((TraceChild *)self->trace_child, incoming, o2, trace_out);
+                Py_CLEAR(o2);
+                if (r < 0)
+                    goto error;
+                decoded = PyUnicode_DecodeASCII(trace_out + 3, 32, NULL);
+                Py_SETREF(o, PyBytes_FromStringAndSize(trace_out, TRACE_VALUE_LEN));
+            }
+            else {
+                child = PyObject_CallFunctionObjArgs(self->trace_child, incoming, o2, NULL);
+                Py_CLEAR(o2);
+                if (child == NULL)
+                    goto error;
+                if (!PyTuple_Check(child) || PyTuple_GET_SIZE(child) != 2) {
+                    PyErr_SetString(PyExc_TypeError, "trace_child() must return a 2-tuple");
+                    goto error;
+                }
+                tid = PyTuple_GET_ITEM(child, 0);
+                decoded = PyBytes_Check(tid)
+                    ? PyUnicode_DecodeUTF8(PyBytes_AS_STRING(tid), PyBytes_GET_SIZE(tid), NULL)
+                    : PyObject_CallMethod(tid, "decode", NULL);
+                Py_SETREF(o, Py_NewRef(PyTuple_GET_ITEM(child, 1)));
+            }
+            if (decoded == NULL || o == NULL) {
+                Py_XDECREF(decoded);
+                goto error;
+            }
+            r = PyObject_SetAttr(ex, str_trace_id, decoded);
+            Py_DECREF(decoded);
+            if (r < 0 || PyObject_SetAttr(ex, str_traceparent, o) < 0)
+                goto error;
+        }
+        ADD(lit_traceparent_colon);
+        ADD(o);
+        ADD(lit_crlf);
+    }
+    GET(o, conn, tls_client);
+    if (o != Py_None) {
+        GET(o, o, header_block);
+        ADD(o);
+    }
+    ADD(lit_host_colon);
+    ADD(host);
+    ADD(lit_crlf_crlf);
+    o = parts_join(&p);
+    goto done;
+
+error:
+    parts_free(&p);
+    Py_CLEAR(o);
+done:
+    Py_XDECREF(o2);
+    Py_XDECREF(items);
+    Py_XDECREF(xff);
+    Py_XDECREF(xfp);
+    Py_XDECREF(xfh);
+    Py_XDECREF(via);
+    Py_XDECREF(incoming);
+    Py_XDECREF(conn);
+    Py_XDECREF(host);
+    Py_XDECREF(skip);
+    Py_XDECREF(child);
+    return o;
+}
+
+/* response_head(ex, content_length, chunked, fwd, date, connection=None, extra=b"",
+ * upstream=None) -> bytes: response_head_py */
+static PyObject *
+heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"ex", "content_length", "chunked", "fwd", "date",
+                                        "connection", "extra", "upstream"};
+    PyObject *a[8] = {NULL, NULL, NULL, NULL, NULL, Py_None, empty_bytes, Py_None};
+    PyObject *ex, *fwd, *connection, *upstream, *kw;
+    PyObject *o = NULL, *o2 = NULL, *tokens = NULL, *hsts = NULL, *via = NULL, *items = NULL;
+    PyObject *skip, *t, *lname, *raw, *value;
+    Parts p;
+    Py_ssize_t i, k, nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    long status, flags;
+    int r, has_date = 0, has_rid = 0, overflow;
+
+    if (nargs > 8) {
+        PyErr_SetString(PyExc_TypeError, "response_head() takes at most 8 arguments");
+        return NULL;
+    }
+    for (i = 0; i < nargs; i++)
+        a[i] = args[i];
+    for (i = 0; i < nkw; i++) {
+        kw = PyTuple_GET_ITEM(kwnames, i);
+        for (k = 0; k < 8; k++)
+            if (PyUnicode_CompareWithASCIIString(kw, names[k]) == 0)
+                break;
+        if (k == 8 || k < nargs) {
+            PyErr_Format(PyExc_TypeError, "response_head() got an unexpected or repeated "
+                         "argument '%U'", kw);
+            return NULL;
+        }
+        a[k] = args[nargs + i];
+    }
+    for (i = 0; i < 5; i++)
+        if (a[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "response_head() missing argument '%s'", names[i]);
+            return NULL;
+        }
+    ex = a[0];
+    fwd = a[3];
+    connection = a[5];
+    upstream = a[7];
+    parts_init(&p);
+
+    GET(o, ex, status);
+    if (!PyLong_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "the status must be an int");
+        goto error;
+    }
+    status = PyLong_AsLongAndOverflow(o, &overflow);
+    if (status == -1 && PyErr_Occurred())
+        goto error;
+    GET(o2, ex, http10);
+    if (!overflow && status >= 100 && status < 600) {
+        TRUTH(r, o2);
+        ADD(PyTuple_GET_ITEM(r ? self->status_lines_10 : self->status_lines_11, status));
+    }
+    else {
+        Py_SETREF(o, PyObject_CallFunctionObjArgs(self->status_line, o, o2, NULL));
+        if (o == NULL)
+            goto error;
+        ADD(o);
+    }
+    if (connection != Py_None) {
+        r = PySet_Contains(self->plain_connection, connection);
+        if (r < 0)
+            goto error;
+        if (!r) {
+            tokens = PyObject_CallOneArg(self->connection_tokens, connection);
+            if (tokens == NULL)
+                goto error;
+        }
+    }
+    via = Py_NewRef(empty_bytes);
+    GET(o, ex, conn);
+    GET(hsts, o, hsts);
+    TRUTH(r, hsts);
+    if (upstream != Py_None && tokens == NULL) {
+        GET(o, upstream, plain);
+        ADD(o);
+        GET(o, upstream, field_flags);
+        flags = PyLong_AsLong(o);
+        if (flags == -1 && PyErr_Occurred())
+            goto error;
+        has_date = (flags & self->has_date) != 0;
+        has_rid = (flags & self->has_request_id) != 0;
+    }
+    else {
+        GET(o2, fwd, request_id_header);  /* the request id's name, lower case */
+        skip = r ? self->response_skip_hsts : self->response_skip;
+        items = header_items(ex, str_response_headers);
+        if (items == NULL)
+            goto error;
+        for (i = 0; i < PyList_GET_SIZE(items); i++) {
+            t = unpack_triple(PyList_GET_ITEM(items, i), &lname, &raw, &value);
+            if (t == NULL)
+                goto error;
+            r = PySet_Contains(skip, lname);
+            if (r > 0) {
+                if (bytes_is(lname, n_via.s, n_via.n)) {
+                    r = PyObject_IsTrue(via);
+                    if (r == 0)
+                        Py_SETREF(via, Py_NewRef(value));
+                    else if (r > 0) {
+                        o = join2(via, value);
+                        if (o == NULL)
+                            r = -1;
+                        else
+                            Py_SETREF(via, o);
+                        o = NULL;
+                    }
+                }
+                Py_DECREF(t);
+                if (r < 0)
+                    goto error;
+                continue;
+            }
+            if (r == 0 && tokens != NULL) {
+                r = PySequence_Contains(tokens, lname);
+                if (r > 0) {
+                    Py_DECREF(t);
+                    continue;
+                }
+            }
+            if (r == 0) {
+                if (bytes_is(lname, n_date.s, n_date.n))
+                    has_date = 1;
+                else {
+                    r = PyObject_RichCompareBool(lname, o2, Py_EQ);
+                    if (r > 0)
+                        has_rid = 1;
+                }
+            }
+            if (r >= 0)
+                r = parts_line(&p, raw, value);
+            Py_DECREF(t);
+            if (r < 0)
+                goto error;
+        }
+    }
+    TRUTH(r, a[6]);
+    if (r)
+        ADD(a[6]);
+    if (a[1] != Py_None) {
+        ADD(lit_content_length);
+        ADD(a[1]);
+        ADD(lit_crlf);
+    }
+    TRUTH(r, a[2]);
+    if (r)
+        ADD(lit_te_chunked);
+    if (!has_date)
+        ADD(a[4]);
+    if (!has_rid) {
+        GET(o, fwd, request_id_raw);
+        ADD(o);
+        ADD(lit_colon_space);
+        GET(o, ex, request_id);
+        Py_SETREF(o, PyUnicode_Check(o) ? PyUnicode_AsLatin1String(o)
+                                        : PyObject_CallMethod(o, "encode", "s", "latin-1"));
+        if (o == NULL)
+            goto error;
+        ADD(o);
+        ADD(lit_crlf);
+    }
+    TRUTH(r, hsts);
+    if (r)
+        ADD(hsts);
+    GET(o, fwd, via);
+    TRUTH(r, o);
+    if (r) {
+        ADD(lit_via_colon);
+        TRUTH(r, via);
+        if (r) {
+            ADD(via);
+            ADD(lit_comma_space);
+        }
+        ADD(o);
+        ADD(lit_crlf);
+    }
+    GET(o, ex, keep_alive);
+    TRUTH(r, o);
+    if (!r)
+        ADD(lit_close_end);
+    else {
+        GET(o, ex, http10);
+        TRUTH(r, o);
+        ADD(r ? lit_keep_alive_end : lit_crlf);
+    }
+    Py_CLEAR(o);
+    o = parts_join(&p);
+    goto done;
+
+error:
+    parts_free(&p);
+    Py_CLEAR(o);
+done:
+    Py_XDECREF(o2);
+    Py_XDECREF(tokens);
+    Py_XDECREF(hsts);
+    Py_XDECREF(via);
+    Py_XDECREF(items);
+    return o;
+}
+
+#undef GET
+#undef ADD
+#undef TRUTH
+
+static int
+heads_init(Heads *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"status_lines_10", "status_lines_11", "status_line",
+                             "plain_connection", "connection_tokens", "response_skip",
+                             "response_skip_hsts", "trace_child", "body_chunked", "has_date",
+                             "has_request_id", NULL};
+    PyObject *v[9];
+    long has_date, has_rid;
+    int i;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "$O!O!OO!OO!O!OOll:Heads", kwlist,
+                                     &PyTuple_Type, &v[0], &PyTuple_Type, &v[1], &v[2],
+                                     &PyFrozenSet_Type, &v[3], &v[4], &PyFrozenSet_Type, &v[5],
+                                     &PyFrozenSet_Type, &v[6], &v[7], &v[8], &has_date, &has_rid))
+        return -1;
+    if (PyTuple_GET_SIZE(v[0]) < 600 || PyTuple_GET_SIZE(v[1]) < 600) {
+        PyErr_SetString(PyExc_ValueError, "a status line table has a line for each code < 600");
+        return -1;
+    }
+    for (i = 0; i < 9; i++)
+        Py_INCREF(v[i]);
+    Py_XSETREF(self->status_lines_10, v[0]);
+    Py_XSETREF(self->status_lines_11, v[1]);
+    Py_XSETREF(self->status_line, v[2]);
+    Py_XSETREF(self->plain_connection, v[3]);
+    Py_XSETREF(self->connection_tokens, v[4]);
+    Py_XSETREF(self->response_skip, v[5]);
+    Py_XSETREF(self->response_skip_hsts, v[6]);
+    Py_XSETREF(self->trace_child, v[7]);
+    Py_XSETREF(self->body_chunked, v[8]);
+    self->has_date = has_date;
+    self->has_request_id = has_rid;
+    return 0;
+}
+
+static int
+heads_traverse(Heads *self, visitproc visit, void *arg)
+{
+#define H_VISIT(field) Py_VISIT(self->field);
+    HEADS_OBJECTS(H_VISIT)
+#undef H_VISIT
+    return 0;
+}
+
+static int
+heads_clear(Heads *self)
+{
+#define H_CLEAR(field) Py_CLEAR(self->field);
+    HEADS_OBJECTS(H_CLEAR)
+#undef H_CLEAR
+    return 0;
+}
+
+static void
+heads_dealloc(Heads *self)
+{
+    PyObject_GC_UnTrack(self);
+    heads_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+heads_ready(Heads *self)
+{
+    if (self->status_lines_10 == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Heads.__init__ was not called");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+heads_request_head_checked(Heads *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return heads_ready(self) < 0 ? NULL : heads_request_head(self, args, nargs);
+}
+
+static PyObject *
+heads_response_head_checked(Heads *self, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames)
+{
+    return heads_ready(self) < 0 ? NULL : heads_response_head(self, args, nargs, kwnames);
+}
+
+static PyMethodDef heads_methods[] = {
+    {"request_head", (PyCFunction)(void (*)(void))heads_request_head_checked, METH_FASTCALL,
+     "request_head(ex, target, path, trusted_peer, fwd) -> bytes\n\n"
+     "The request head for the upstream (gateway.proxy.forward.request_head_py)."},
+    {"response_head", (PyCFunction)(void (*)(void))heads_response_head_checked,
+     METH_FASTCALL | METH_KEYWORDS,
+     "response_head(ex, content_length, chunked, fwd, date, connection=None, extra=b'', "
+     "upstream=None) -> bytes\n\n"
+     "The response head for the client (gateway.proxy.forward.response_head_py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject HeadsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway._speedups.Heads",
+    .tp_doc = "Heads(*, status_lines_10, status_lines_11, status_line, plain_connection, "
+              "connection_tokens, response_skip, response_skip_hsts, trace_child, "
+              "body_chunked, has_date, has_request_id)\n\n"
+              "The request and response heads, compiled, with the constants they use.",
+    .tp_basicsize = sizeof(Heads),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)heads_init,
+    .tp_dealloc = (destructor)heads_dealloc,
+    .tp_traverse = (traverseproc)heads_traverse,
+    .tp_clear = (inquiry)heads_clear,
+    .tp_methods = heads_methods,
+};
+
+/* The interned names and literal pieces; 0, or -1 with an exception. */
+static int
+heads_module_init(void)
+{
+#define NAME_INIT(name) \
+    if ((str_##name = PyUnicode_InternFromString(#name)) == NULL) return -1;
+    HEAD_NAMES(NAME_INIT)
+#undef NAME_INIT
+#define LIT_INIT(name, text) \
+    if ((lit_##name = PyBytes_FromStringAndSize(text, (Py_ssize_t)sizeof(text) - 1)) == NULL) \
+        return -1;
+    HEAD_LITERALS(LIT_INIT)
+#undef LIT_INIT
+    return PyType_Ready(&HeadsType) < 0 || PyType_Ready(&TraceChildType) < 0 ? -1 : 0;
+}
+
 static PyMethodDef methods[] = {
     {"scan_fields", scan_fields, METH_O,
      "scan_fields(fields) -> (plain, content_length, connection, flags)\n\n"
@@ -570,7 +1643,7 @@ PyInit__speedups(void)
 {
     PyObject *m;
 
-    if (PyType_Ready(&RequestFieldsType) < 0)
+    if (PyType_Ready(&RequestFieldsType) < 0 || heads_module_init() < 0)
         return NULL;
     empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     if (empty_bytes == NULL)
@@ -578,7 +1651,9 @@ PyInit__speedups(void)
     m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "RequestFields", (PyObject *)&RequestFieldsType) < 0) {
+    if (PyModule_AddObjectRef(m, "RequestFields", (PyObject *)&RequestFieldsType) < 0
+        || PyModule_AddObjectRef(m, "Heads", (PyObject *)&HeadsType) < 0
+        || PyModule_AddObjectRef(m, "TraceChild", (PyObject *)&TraceChildType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,11 +10,21 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
+
+from gateway.speedups import compiled
 
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _rand = random.Random()
+#: hex digits per refill of the random ids: 1,024 requests' worth
+HEX_BLOCK = 48 * 1024
+
+
+def hex_block() -> bytes:
+    """Random hex digits, from ``os.urandom``, for the next 1,024 requests' ids."""
+    return os.urandom(HEX_BLOCK // 2).hex().encode()
 
 
 class _RandomHex:
@@ -23,8 +33,6 @@ class _RandomHex:
 
     __slots__ = ("_buf", "_pos")
 
-    BLOCK = 48 * 1024  # hex digits per refill: 1,024 requests' worth
-
     def __init__(self) -> None:
         self._buf = b""
         self._pos = 0
@@ -32,7 +40,7 @@ class _RandomHex:
     def take48(self) -> bytes:
         pos = self._pos
         if pos + 48 > len(self._buf):
-            self._buf = os.urandom(self.BLOCK // 2).hex().encode()
+            self._buf = hex_block()
             pos = 0
         self._pos = pos + 48
         return self._buf[pos : pos + 48]
@@ -54,8 +62,11 @@ def parse(value: bytes) -> tuple[bytes, bytes] | None:
     return trace_id, flags
 
 
-def child(incoming: bytes | None, sample_ratio: float) -> tuple[bytes, bytes]:
-    """``(trace_id, traceparent value)`` for the request sent upstream."""
+def child_py(incoming: bytes | None, sample_ratio: float) -> tuple[bytes, bytes]:
+    """``(trace_id, traceparent value)`` for the request sent upstream.
+
+    The reference version: ``TraceChild`` (``gateway/_speedups.c``), compiled, does the same
+    (``tests/unit/test_speedups.py``); ``child`` is the one that runs."""
     parsed = parse(incoming) if incoming is not None else None
     # 32 hex digits of trace id (used only for a new trace), then 16 of span id. All zeros,
     # which the spec forbids, has odds of 2**-64 for a span id: not worth a branch.
@@ -68,3 +79,8 @@ def child(incoming: bytes | None, sample_ratio: float) -> tuple[bytes, bytes]:
         trace_id = ids[:32]
         flags = b"01" if sample_ratio >= 1.0 or _rand.random() < sample_ratio else b"00"
     return trace_id, b"00-%b-%b-%b" % (trace_id, ids[32:], flags)
+
+
+child: Callable[[bytes | None, float], tuple[bytes, bytes]] = (
+    compiled.TraceChild(hex_block, _rand.random) if compiled is not None else child_py
+)

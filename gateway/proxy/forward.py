@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.http import trace
@@ -19,6 +19,7 @@ from gateway.http.fields import HAS_DATE, HAS_REQUEST_ID
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.status import STATUS_LINES_10, STATUS_LINES_11, status_line
 from gateway.proxy.exchange import BODY_CHUNKED
+from gateway.speedups import compiled
 from gateway.upstream.connection import UpstreamConnection
 from gateway.upstream.health import passive_failure
 
@@ -64,6 +65,7 @@ class Forwarding:
         "request_id_header",
         "request_id_raw",
         "request_own",
+        "request_skip",
         "sample_ratio",
         "trace",
         "trusted",
@@ -95,6 +97,8 @@ class Forwarding:
         )
         if trace:
             self.request_own |= {b"traceparent"}
+        #: request headers not copied as they are: hop-by-hop, or rewritten by the gateway
+        self.request_skip = HOP_BY_HOP | self.request_own
         self.trace = trace
         self.sample_ratio = sample_ratio
         self._trust_cache: dict[str, bool] = {}
@@ -125,7 +129,7 @@ class Forwarding:
         return hops[0] if hops and hops[0] else peer
 
 
-def request_head(
+def request_head_py(
     ex: Exchange,
     target: Target,
     path: bytes,
@@ -133,7 +137,10 @@ def request_head(
     fwd: Forwarding,
 ) -> bytes:
     """The request head for the upstream. Headers the client listed in ``Connection`` were
-    already removed when the request was read (before plugins ran)."""
+    already removed when the request was read (before plugins ran).
+
+    The reference version: ``Heads.request_head`` (``gateway/_speedups.c``), compiled, does
+    the same (``tests/unit/test_speedups.py``); ``request_head`` is the one that runs."""
     parts = [ex.method, b" ", path]
     if ex.query:
         parts += (b"?", ex.query)
@@ -143,9 +150,9 @@ def request_head(
     xff: list[bytes] = []
     xfp = xfh = via = b""
     traceparent: bytes | None = None
-    own = fwd.request_own
+    skip = fwd.request_skip
     for lname, raw, value in ex.headers.items:
-        if lname in HOP_BY_HOP or lname in own:
+        if lname in skip:
             if lname == b"x-forwarded-for":
                 xff.append(value)
             elif lname == b"x-forwarded-proto":
@@ -193,7 +200,7 @@ def request_head(
     return b"".join(parts)
 
 
-def response_head(
+def response_head_py(
     ex: Exchange,
     content_length: bytes | None,
     chunked: bool,
@@ -215,6 +222,9 @@ def response_head(
     response hook ran), with no odd header (``ODD_FIELDS``), under the default request id
     header (``Forwarding.plain_responses``): its plain lines, assembled while parsing, are
     the headers' lines, with no second pass over them (~4k instructions a response).
+
+    The reference version: ``Heads.response_head``, compiled, does the same;
+    ``response_head`` is the one that runs.
     """
     status = ex.status
     if 100 <= status < 600:
@@ -271,6 +281,32 @@ def response_head(
     else:
         parts.append(b"\r\n")
     return b"".join(parts)
+
+
+RequestHead = Callable[["Exchange", "Target", bytes, bool, Forwarding], bytes]
+ResponseHead = Callable[..., bytes]
+request_head: RequestHead
+response_head: ResponseHead
+if compiled is not None:
+    # The two heads, compiled (gateway/_speedups.c); the constants they need are given once.
+    _heads = compiled.Heads(
+        status_lines_10=STATUS_LINES_10,
+        status_lines_11=STATUS_LINES_11,
+        status_line=status_line,
+        plain_connection=_PLAIN_CONNECTION,
+        connection_tokens=connection_tokens,
+        response_skip=_RESPONSE_SKIP,
+        response_skip_hsts=_RESPONSE_SKIP_HSTS,
+        trace_child=trace.child,
+        body_chunked=BODY_CHUNKED,
+        has_date=HAS_DATE,
+        has_request_id=HAS_REQUEST_ID,
+    )
+    request_head = _heads.request_head
+    response_head = _heads.response_head
+else:
+    request_head = request_head_py
+    response_head = response_head_py
 
 
 async def connect(target: Target, timeout: float) -> UpstreamConnection:  # noqa: ASYNC109
