@@ -788,7 +788,7 @@ typedef struct {
     X(status_lines_10) X(status_lines_11) X(status_line) X(plain_connection) \
     X(connection_tokens) X(response_skip) X(response_skip_hsts) X(trace_child) X(body_chunked)
 
-/* Interned attribute names and constant pieces, made at module init. */
+/* Interned attribute names, made at module init. */
 #define HEAD_NAMES(X) \
     X(method) X(query) X(url) X(headers) X(items) X(route) X(preserve_host) X(host) \
     X(host_header) X(conn) X(peer_ip_bytes) X(scheme) X(via) X(body_kind) X(length_header) \
@@ -840,18 +840,6 @@ slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
     return PyObject_GetAttr(obj, name);
 }
 
-#define HEAD_LITERALS(X) \
-    X(space, " ") X(question, "?") X(http11_crlf, " HTTP/1.1\r\n") X(colon_space, ": ") \
-    X(crlf, "\r\n") X(comma_space, ", ") X(xff, "x-forwarded-for: ") \
-    X(xfp, "x-forwarded-proto: ") X(xfh, "x-forwarded-host: ") X(via_colon, "via: ") \
-    X(te_chunked, "transfer-encoding: chunked\r\n") X(content_length, "content-length: ") \
-    X(traceparent_colon, "traceparent: ") X(host_colon, "host: ") X(crlf_crlf, "\r\n\r\n") \
-    X(close_end, "connection: close\r\n\r\n") X(keep_alive_end, "connection: keep-alive\r\n\r\n")
-
-#define LIT_DECL(name, text) static PyObject *lit_##name;
-HEAD_LITERALS(LIT_DECL)
-#undef LIT_DECL
-
 /* The names request_head_py and response_head_py compare with. */
 static const struct { const char *s; Py_ssize_t n; } n_xff = {"x-forwarded-for", 15},
     n_xfp = {"x-forwarded-proto", 17}, n_xfh = {"x-forwarded-host", 16}, n_via = {"via", 3},
@@ -863,102 +851,104 @@ bytes_is(PyObject *o, const char *s, Py_ssize_t n)
     return PyBytes_Check(o) && PyBytes_GET_SIZE(o) == n && memcmp(PyBytes_AS_STRING(o), s, n) == 0;
 }
 
-/* The pieces of a head: strong references to bytes objects, joined at the end. */
+/* A head being written: its bytes copied in as they come, on the stack while they fit. */
 typedef struct {
-    PyObject **v;
-    Py_ssize_t n, cap, size;
-    PyObject *local[48];
+    char *buf;
+    Py_ssize_t len, cap;
+    char local[2048];
 } Parts;
 
 static void
 parts_init(Parts *p)
 {
-    p->v = p->local;
-    p->n = p->size = 0;
-    p->cap = (Py_ssize_t)(sizeof(p->local) / sizeof(p->local[0]));
+    p->buf = p->local;
+    p->len = 0;
+    p->cap = (Py_ssize_t)sizeof(p->local);
 }
 
 static void
 parts_free(Parts *p)
 {
-    Py_ssize_t i;
-
-    for (i = 0; i < p->n; i++)
-        Py_DECREF(p->v[i]);
-    if (p->v != p->local)
-        PyMem_Free(p->v);
-    p->n = 0;
-    p->v = p->local;
+    if (p->buf != p->local)
+        PyMem_Free(p->buf);
+    p->buf = p->local;
+    p->len = 0;
 }
 
-/* Append o (borrowed): bytes as they are, another bytes-like object copied (as b"".join
- * takes them), anything else a TypeError. */
+static int
+parts_grow(Parts *p, Py_ssize_t n)
+{
+    char *grown;
+    Py_ssize_t cap = p->cap;
+
+    if (n > PY_SSIZE_T_MAX / 2 - p->len) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    while (n > cap - p->len)
+        cap *= 2;
+    grown = PyMem_Malloc((size_t)cap);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(grown, p->buf, (size_t)p->len);
+    if (p->buf != p->local)
+        PyMem_Free(p->buf);
+    p->buf = grown;
+    p->cap = cap;
+    return 0;
+}
+
+static inline int
+parts_put(Parts *p, const char *s, Py_ssize_t n)
+{
+    if (n > p->cap - p->len && parts_grow(p, n) < 0)
+        return -1;
+    memcpy(p->buf + p->len, s, (size_t)n);
+    p->len += n;
+    return 0;
+}
+
+/* a string literal */
+#define PARTS_LITERAL(p, text) parts_put(p, text, (Py_ssize_t)sizeof(text) - 1)
+
+/* Append o: bytes, or another bytes-like object (as b"".join takes them); anything else is
+ * a TypeError. */
 static int
 parts_add(Parts *p, PyObject *o)
 {
-    PyObject **grown;
+    Py_buffer view;
+    int r;
 
-    if (PyBytes_Check(o)) {
-        Py_INCREF(o);
-    }
-    else if (PyObject_CheckBuffer(o)) {
-        o = PyBytes_FromObject(o);
-        if (o == NULL)
-            return -1;
-    }
-    else {
+    if (PyBytes_Check(o))
+        return parts_put(p, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o));
+    if (!PyObject_CheckBuffer(o)) {
         PyErr_Format(PyExc_TypeError, "a head's piece must be a bytes-like object, not %.100s",
                      Py_TYPE(o)->tp_name);
         return -1;
     }
-    if (p->n == p->cap) {
-        grown = PyMem_Malloc((size_t)p->cap * 2 * sizeof(PyObject *));
-        if (grown == NULL) {
-            Py_DECREF(o);
-            PyErr_NoMemory();
-            return -1;
-        }
-        memcpy(grown, p->v, (size_t)p->n * sizeof(PyObject *));
-        if (p->v != p->local)
-            PyMem_Free(p->v);
-        p->v = grown;
-        p->cap *= 2;
-    }
-    if (PyBytes_GET_SIZE(o) > PY_SSIZE_T_MAX - p->size) {
-        Py_DECREF(o);
-        PyErr_NoMemory();
+    if (PyObject_GetBuffer(o, &view, PyBUF_SIMPLE) < 0)
         return -1;
-    }
-    p->v[p->n++] = o;
-    p->size += PyBytes_GET_SIZE(o);
-    return 0;
+    r = parts_put(p, view.buf, view.len);
+    PyBuffer_Release(&view);
+    return r;
 }
 
 /* Append a field line: name, ": ", value, CRLF. */
 static int
 parts_line(Parts *p, PyObject *name, PyObject *value)
 {
-    return (parts_add(p, name) < 0 || parts_add(p, lit_colon_space) < 0
-            || parts_add(p, value) < 0 || parts_add(p, lit_crlf) < 0) ? -1 : 0;
+    return (parts_add(p, name) < 0 || PARTS_LITERAL(p, ": ") < 0 || parts_add(p, value) < 0
+            || PARTS_LITERAL(p, "\r\n") < 0) ? -1 : 0;
 }
 
-/* The joined bytes; the parts are released either way. */
+/* The bytes written; the buffer is released either way. */
 static PyObject *
 parts_join(Parts *p)
 {
-    PyObject *out;
-    char *w;
-    Py_ssize_t i, k;
+    PyObject *out = PyBytes_FromStringAndSize(p->buf, p->len);
 
-    out = PyBytes_FromStringAndSize(NULL, p->size);
-    if (out != NULL) {
-        w = PyBytes_AS_STRING(out);
-        for (i = 0; i < p->n; i++) {
-            k = PyBytes_GET_SIZE(p->v[i]);
-            memcpy(w, PyBytes_AS_STRING(p->v[i]), (size_t)k);
-            w += k;
-        }
-    }
     parts_free(p);
     return out;
 }
@@ -992,7 +982,7 @@ join2(PyObject *a, PyObject *b)
     Parts p;
 
     parts_init(&p);
-    if (parts_add(&p, a) < 0 || parts_add(&p, lit_comma_space) < 0 || parts_add(&p, b) < 0) {
+    if (parts_add(&p, a) < 0 || PARTS_LITERAL(&p, ", ") < 0 || parts_add(&p, b) < 0) {
         parts_free(&p);
         return NULL;
     }
@@ -1046,16 +1036,17 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
 #define GET(dst, obj, name) do { Py_XSETREF(dst, slot_get(obj, str_##name, &cache_##name)); \
         if ((dst) == NULL) goto error; } while (0)
 #define ADD(obj) do { if (parts_add(&p, obj) < 0) goto error; } while (0)
+#define PUT(text) do { if (PARTS_LITERAL(&p, text) < 0) goto error; } while (0)
 #define TRUTH(dst, obj) do { dst = PyObject_IsTrue(obj); if ((dst) < 0) goto error; } while (0)
 
     GET(o, ex, method);
     ADD(o);
-    ADD(lit_space);
+    PUT(" ");
     ADD(path);
     GET(o, ex, query);
     TRUTH(r, o);
     if (r) {
-        ADD(lit_question);
+        PUT("?");
         ADD(o);
     }
     else {
@@ -1072,9 +1063,9 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
                 goto error;
         }
         if (r)
-            ADD(lit_question);
+            PUT("?");
     }
-    ADD(lit_http11_crlf);
+    PUT(" HTTP/1.1\r\n");
 
     xff = PyList_New(0);
     if (xff == NULL)
@@ -1147,16 +1138,16 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
         GET(host, target, host_header);
     GET(conn, ex, conn);
     GET(o, conn, peer_ip_bytes);
-    ADD(lit_xff);
+    PUT("x-forwarded-for: ");
     if (trusted && PyList_GET_SIZE(xff) > 0) {
         for (i = 0; i < PyList_GET_SIZE(xff); i++) {
             ADD(PyList_GET_ITEM(xff, i));
-            ADD(lit_comma_space);
+            PUT(", ");
         }
     }
     ADD(o);
-    ADD(lit_crlf);
-    ADD(lit_xfp);
+    PUT("\r\n");
+    PUT("x-forwarded-proto: ");
     TRUTH(r, xfp);
     if (trusted && r)
         ADD(xfp);
@@ -1164,7 +1155,7 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
         GET(o, conn, scheme);
         ADD(o);
     }
-    ADD(lit_crlf);
+    PUT("\r\n");
     TRUTH(r, xfh);
     if (trusted && r)
         Py_XSETREF(o, Py_NewRef(xfh));
@@ -1172,46 +1163,46 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
         GET(o, ex, host);
     TRUTH(r, o);
     if (r) {  /* an HTTP/1.0 request may carry no Host at all */
-        ADD(lit_xfh);
+        PUT("x-forwarded-host: ");
         ADD(o);
-        ADD(lit_crlf);
+        PUT("\r\n");
     }
     GET(o, fwd, via);
     TRUTH(r, o);
     if (r) {
-        ADD(lit_via_colon);
+        PUT("via: ");
         TRUTH(r, via);
         if (r) {
             ADD(via);
-            ADD(lit_comma_space);
+            PUT(", ");
         }
         ADD(o);
-        ADD(lit_crlf);
+        PUT("\r\n");
     }
     GET(o, ex, body_kind);
     r = PyObject_RichCompareBool(o, self->body_chunked, Py_EQ);
     if (r < 0)
         goto error;
     if (r)
-        ADD(lit_te_chunked);
+        PUT("transfer-encoding: chunked\r\n");
     else {
         GET(o, ex, length_header);
         if (o != Py_None) {
-            ADD(lit_content_length);
+            PUT("content-length: ");
             ADD(o);
-            ADD(lit_crlf);
+            PUT("\r\n");
         }
     }
     GET(o, fwd, request_id_raw);
     ADD(o);
-    ADD(lit_colon_space);
+    PUT(": ");
     GET(o, ex, request_id);
     Py_SETREF(o, PyUnicode_Check(o) ? PyUnicode_AsLatin1String(o)
                                     : PyObject_CallMethod(o, "encode", "s", "latin-1"));
     if (o == NULL)
         goto error;
     ADD(o);
-    ADD(lit_crlf);
+    PUT("\r\n");
     GET(o, fwd, trace);
     TRUTH(r, o);
     if (r) {
@@ -1250,18 +1241,18 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
             if (r < 0 || PyObject_SetAttr(ex, str_traceparent, o) < 0)
                 goto error;
         }
-        ADD(lit_traceparent_colon);
+        PUT("traceparent: ");
         ADD(o);
-        ADD(lit_crlf);
+        PUT("\r\n");
     }
     GET(o, conn, tls_client);
     if (o != Py_None) {
         GET(o, o, header_block);
         ADD(o);
     }
-    ADD(lit_host_colon);
+    PUT("host: ");
     ADD(host);
-    ADD(lit_crlf_crlf);
+    PUT("\r\n\r\n");
     o = parts_join(&p);
     goto done;
 
@@ -1428,26 +1419,26 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
     if (r)
         ADD(a[6]);
     if (a[1] != Py_None) {
-        ADD(lit_content_length);
+        PUT("content-length: ");
         ADD(a[1]);
-        ADD(lit_crlf);
+        PUT("\r\n");
     }
     TRUTH(r, a[2]);
     if (r)
-        ADD(lit_te_chunked);
+        PUT("transfer-encoding: chunked\r\n");
     if (!has_date)
         ADD(a[4]);
     if (!has_rid) {
         GET(o, fwd, request_id_raw);
         ADD(o);
-        ADD(lit_colon_space);
+        PUT(": ");
         GET(o, ex, request_id);
         Py_SETREF(o, PyUnicode_Check(o) ? PyUnicode_AsLatin1String(o)
                                         : PyObject_CallMethod(o, "encode", "s", "latin-1"));
         if (o == NULL)
             goto error;
         ADD(o);
-        ADD(lit_crlf);
+        PUT("\r\n");
     }
     TRUTH(r, hsts);
     if (r)
@@ -1455,23 +1446,26 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
     GET(o, fwd, via);
     TRUTH(r, o);
     if (r) {
-        ADD(lit_via_colon);
+        PUT("via: ");
         TRUTH(r, via);
         if (r) {
             ADD(via);
-            ADD(lit_comma_space);
+            PUT(", ");
         }
         ADD(o);
-        ADD(lit_crlf);
+        PUT("\r\n");
     }
     GET(o, ex, keep_alive);
     TRUTH(r, o);
     if (!r)
-        ADD(lit_close_end);
+        PUT("connection: close\r\n\r\n");
     else {
         GET(o, ex, http10);
         TRUTH(r, o);
-        ADD(r ? lit_keep_alive_end : lit_crlf);
+        if (r)
+            PUT("connection: keep-alive\r\n\r\n");
+        else
+            PUT("\r\n");
     }
     Py_CLEAR(o);
     o = parts_join(&p);
@@ -1491,6 +1485,7 @@ done:
 
 #undef GET
 #undef ADD
+#undef PUT
 #undef TRUTH
 
 static int
@@ -1607,7 +1602,7 @@ static PyTypeObject HeadsType = {
     .tp_methods = heads_methods,
 };
 
-/* The interned names and literal pieces; 0, or -1 with an exception. */
+/* The interned names and the types; 0, or -1 with an exception. */
 static int
 heads_module_init(void)
 {
@@ -1615,11 +1610,6 @@ heads_module_init(void)
     if ((str_##name = PyUnicode_InternFromString(#name)) == NULL) return -1;
     HEAD_NAMES(NAME_INIT)
 #undef NAME_INIT
-#define LIT_INIT(name, text) \
-    if ((lit_##name = PyBytes_FromStringAndSize(text, (Py_ssize_t)sizeof(text) - 1)) == NULL) \
-        return -1;
-    HEAD_LITERALS(LIT_INIT)
-#undef LIT_INIT
     return PyType_Ready(&HeadsType) < 0 || PyType_Ready(&TraceChildType) < 0 ? -1 : 0;
 }
 
