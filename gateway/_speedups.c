@@ -573,6 +573,9 @@ typedef struct {
 
 #define TRACE_VALUE_LEN 55  /* 00-<32 hex>-<16 hex>-<2 hex> */
 
+/* made at module init (heads_module_init) */
+static PyObject *s_strip, *s_join, *s_decode, *float_one, *int_100, *int_600, *b_comma_space;
+
 static int
 is_lower_hex(const char *s, Py_ssize_t n)
 {
@@ -597,14 +600,14 @@ all_zeros(const char *s, Py_ssize_t n)
 
 /* trace.parse: the incoming value's trace id and flags (pointers into s), or 0 */
 static int
-trace_parse(const char *s, Py_ssize_t n, const char **trace_id, const char **flags)
+trace_parse(const char *s, Py_ssize_t n, int strip, const char **trace_id, const char **flags)
 {
     /* bytes.strip(): ASCII whitespace at both ends */
-    while (n > 0 && Py_ISSPACE(*s)) {
+    while (strip && n > 0 && Py_ISSPACE(*s)) {
         s++;
         n--;
     }
-    while (n > 0 && Py_ISSPACE(s[n - 1]))
+    while (strip && n > 0 && Py_ISSPACE(s[n - 1]))
         n--;
     if (n < TRACE_VALUE_LEN || s[2] != '-' || s[35] != '-' || s[52] != '-'
         || !is_lower_hex(s, 2) || !is_lower_hex(s + 3, 32) || !is_lower_hex(s + 36, 16)
@@ -625,19 +628,49 @@ trace_parse(const char *s, Py_ssize_t n, const char **trace_id, const char **fla
 }
 
 /* The traceparent value for incoming (None or bytes-like) into out; 0, or -1 with an
- * exception. */
+ * exception. child_py's steps in its order: parse(incoming) (value.strip(), then the
+ * pattern), the 48 digits, then sample_ratio >= 1.0 or random() < sample_ratio. */
 static int
 trace_make(TraceChild *self, PyObject *incoming, PyObject *ratio, char *out)
 {
     Py_buffer view;
-    const char *trace_id = NULL, *flags = NULL, *ids;
-    PyObject *block, *drawn;
-    double r, x;
-    int parsed = 0, sampled;
+    const char *trace_id = NULL, *flags = NULL;
+    char ids[48];  /* a copy: Python code below (__float__, __lt__, random()) can call this
+                    * TraceChild again, which may refill and free self->buf */
+    PyObject *block, *drawn, *stripped = NULL;
+    int parsed = 0, sampled = 0, r;
 
     if (self->hex_block == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "TraceChild.__init__ was not called");
         return -1;
+    }
+    if (incoming != Py_None) {
+        if (!PyBytes_CheckExact(incoming) && !PyByteArray_CheckExact(incoming)) {
+            /* value.strip() (an AttributeError without one); the pattern takes a bytes-like
+             * result and refuses a str */
+            stripped = PyObject_CallMethodNoArgs(incoming, s_strip);
+            if (stripped == NULL)
+                return -1;
+            if (PyUnicode_Check(stripped)) {
+                Py_DECREF(stripped);
+                PyErr_SetString(PyExc_TypeError,
+                                "cannot use a bytes pattern on a string-like object");
+                return -1;
+            }
+        }
+        r = PyObject_GetBuffer(stripped ? stripped : incoming, &view, PyBUF_SIMPLE);
+        if (r == 0) {
+            parsed = trace_parse(view.buf, view.len, stripped == NULL, &trace_id, &flags);
+            if (parsed) {
+                memcpy(out + 3, trace_id, 32);
+                /* only the sampled bit is defined for version 00; others are not ours */
+                sampled = strchr("13579bdf", flags[1]) != NULL;
+            }
+            PyBuffer_Release(&view);
+        }
+        Py_XDECREF(stripped);
+        if (r < 0)
+            return -1;
     }
     if (self->buf == NULL || self->pos + 48 > PyBytes_GET_SIZE(self->buf)) {
         block = PyObject_CallNoArgs(self->hex_block);
@@ -651,38 +684,29 @@ trace_make(TraceChild *self, PyObject *incoming, PyObject *ratio, char *out)
         Py_XSETREF(self->buf, block);
         self->pos = 0;
     }
-    ids = PyBytes_AS_STRING(self->buf) + self->pos;
+    memcpy(ids, PyBytes_AS_STRING(self->buf) + self->pos, 48);
     self->pos += 48;
     memcpy(out, "00-", 3);
     memcpy(out + 35, "-", 1);
     memcpy(out + 36, ids + 32, 16);
     memcpy(out + 52, "-", 1);
-    if (incoming != Py_None) {
-        if (PyObject_GetBuffer(incoming, &view, PyBUF_SIMPLE) < 0)
-            return -1;
-        parsed = trace_parse(view.buf, view.len, &trace_id, &flags);
-        if (parsed) {
-            memcpy(out + 3, trace_id, 32);
-            /* only the sampled bit is defined for version 00; others are not ours to set */
-            sampled = strchr("13579bdf", flags[1]) != NULL;
-        }
-        PyBuffer_Release(&view);
-    }
     if (!parsed) {
         memcpy(out + 3, ids, 32);
-        r = PyFloat_AsDouble(ratio);
-        if (r == -1.0 && PyErr_Occurred())
+        if (PyFloat_CheckExact(ratio))
+            sampled = PyFloat_AS_DOUBLE(ratio) >= 1.0;
+        else if ((sampled = PyObject_RichCompareBool(ratio, float_one, Py_GE)) < 0)
             return -1;
-        sampled = r >= 1.0;
         if (!sampled) {
             drawn = PyObject_CallNoArgs(self->random);
             if (drawn == NULL)
                 return -1;
-            x = PyFloat_AsDouble(drawn);
+            if (PyFloat_CheckExact(drawn) && PyFloat_CheckExact(ratio))
+                sampled = PyFloat_AS_DOUBLE(drawn) < PyFloat_AS_DOUBLE(ratio);
+            else
+                sampled = PyObject_RichCompareBool(drawn, ratio, Py_LT);
             Py_DECREF(drawn);
-            if (x == -1.0 && PyErr_Occurred())
+            if (sampled < 0)
                 return -1;
-            sampled = x < r;
         }
     }
     memcpy(out + 53, sampled ? "01" : "00", 2);
@@ -716,6 +740,10 @@ trace_child_init(TraceChild *self, PyObject *args, PyObject *kwds)
 
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:TraceChild", kwlist, &hex_block, &random))
         return -1;
+    if (self->hex_block != NULL) {
+        PyErr_SetString(PyExc_TypeError, "TraceChild.__init__ may be called once");
+        return -1;
+    }
     Py_XSETREF(self->hex_block, Py_NewRef(hex_block));
     Py_XSETREF(self->random, Py_NewRef(random));
     Py_CLEAR(self->buf);
@@ -827,7 +855,8 @@ slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
     }
     if (tp->tp_getattro == PyObject_GenericGetAttr) {
         descr = _PyType_Lookup(tp, name);  /* borrowed; gives the type a version tag */
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyType_IsSubtype(tp, PyDescr_TYPE(descr))) {  /* else member_get's TypeError */
             member = ((PyMemberDescrObject *)descr)->d_member;
             if (member->type == T_OBJECT_EX && !(member->flags & PY_AUDIT_READ)
                 && tp->tp_version_tag != 0) {
@@ -840,21 +869,45 @@ slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
     return PyObject_GetAttr(obj, name);
 }
 
-/* The names request_head_py and response_head_py compare with. */
-static const struct { const char *s; Py_ssize_t n; } n_xff = {"x-forwarded-for", 15},
-    n_xfp = {"x-forwarded-proto", 17}, n_xfh = {"x-forwarded-host", 16}, n_via = {"via", 3},
-    n_traceparent = {"traceparent", 11}, n_date = {"date", 4};
+/* The names request_head_py and response_head_py compare with (bytes, made at init). */
+#define HEAD_FIELD_NAMES(X) \
+    X(xff, "x-forwarded-for") X(xfp, "x-forwarded-proto") X(xfh, "x-forwarded-host") \
+    X(via, "via") X(traceparent, "traceparent") X(date, "date")
+#define FIELD_DECL(name, text) static PyObject *n_##name;
+HEAD_FIELD_NAMES(FIELD_DECL)
+#undef FIELD_DECL
 
+/* lname == name, as Python compares them: an exact bytes here, anything else by its own
+ * __eq__. 1, 0, or -1 with an exception. */
 static int
-bytes_is(PyObject *o, const char *s, Py_ssize_t n)
+lname_is(PyObject *o, PyObject *name)
 {
-    return PyBytes_Check(o) && PyBytes_GET_SIZE(o) == n && memcmp(PyBytes_AS_STRING(o), s, n) == 0;
+    if (PyBytes_CheckExact(o))
+        return PyBytes_GET_SIZE(o) == PyBytes_GET_SIZE(name)
+               && memcmp(PyBytes_AS_STRING(o), PyBytes_AS_STRING(name),
+                         (size_t)PyBytes_GET_SIZE(o)) == 0;
+    return PyObject_RichCompareBool(o, name, Py_EQ);
+}
+
+/* a + b", " + b with Python's +, eager, as the Python versions join Via values */
+static PyObject *
+concat_comma(PyObject *a, PyObject *b)
+{
+    PyObject *ab, *out;
+
+    ab = PyNumber_Add(a, b_comma_space);
+    if (ab == NULL)
+        return NULL;
+    out = PyNumber_Add(ab, b);
+    Py_DECREF(ab);
+    return out;
 }
 
 /* A head being written: its bytes copied in as they come, on the stack while they fit. */
 typedef struct {
     char *buf;
     Py_ssize_t len, cap;
+    PyObject *bad;  /* the type of the first piece b"".join would refuse (a reference), or NULL */
     char local[2048];
 } Parts;
 
@@ -864,6 +917,7 @@ parts_init(Parts *p)
     p->buf = p->local;
     p->len = 0;
     p->cap = (Py_ssize_t)sizeof(p->local);
+    p->bad = NULL;
 }
 
 static void
@@ -873,6 +927,7 @@ parts_free(Parts *p)
         PyMem_Free(p->buf);
     p->buf = p->local;
     p->len = 0;
+    Py_CLEAR(p->bad);
 }
 
 static int
@@ -914,7 +969,8 @@ parts_put(Parts *p, const char *s, Py_ssize_t n)
 #define PARTS_LITERAL(p, text) parts_put(p, text, (Py_ssize_t)sizeof(text) - 1)
 
 /* Append o: bytes, or another bytes-like object (as b"".join takes them); anything else is
- * a TypeError. */
+ * b"".join's TypeError, raised by parts_join: the Python versions join last, after every
+ * attribute read and ex.trace_id/ex.traceparent set. */
 static int
 parts_add(Parts *p, PyObject *o)
 {
@@ -924,9 +980,9 @@ parts_add(Parts *p, PyObject *o)
     if (PyBytes_Check(o))
         return parts_put(p, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o));
     if (!PyObject_CheckBuffer(o)) {
-        PyErr_Format(PyExc_TypeError, "a head's piece must be a bytes-like object, not %.100s",
-                     Py_TYPE(o)->tp_name);
-        return -1;
+        if (p->bad == NULL)
+            p->bad = Py_NewRef((PyObject *)Py_TYPE(o));
+        return 0;
     }
     if (PyObject_GetBuffer(o, &view, PyBUF_SIMPLE) < 0)
         return -1;
@@ -947,7 +1003,13 @@ parts_line(Parts *p, PyObject *name, PyObject *value)
 static PyObject *
 parts_join(Parts *p)
 {
-    PyObject *out = PyBytes_FromStringAndSize(p->buf, p->len);
+    PyObject *out = NULL;
+
+    if (p->bad != NULL)
+        PyErr_Format(PyExc_TypeError, "sequence item: expected a bytes-like object, %.80s found",
+                     ((PyTypeObject *)p->bad)->tp_name);
+    else
+        out = PyBytes_FromStringAndSize(p->buf, p->len);
 
     parts_free(p);
     return out;
@@ -960,7 +1022,13 @@ unpack_triple(PyObject *item, PyObject **lname, PyObject **raw, PyObject **value
 {
     PyObject *t;
 
-    t = PyTuple_CheckExact(item) ? Py_NewRef(item) : PySequence_Tuple(item);
+    if (PyTuple_CheckExact(item))
+        t = Py_NewRef(item);
+    else {  /* item is borrowed from the list, and its __iter__ may take it out of it */
+        Py_INCREF(item);
+        t = PySequence_Tuple(item);
+        Py_DECREF(item);
+    }
     if (t == NULL)
         return NULL;
     if (PyTuple_GET_SIZE(t) != 3) {
@@ -973,20 +1041,6 @@ unpack_triple(PyObject *item, PyObject **lname, PyObject **raw, PyObject **value
     *raw = PyTuple_GET_ITEM(t, 1);
     *value = PyTuple_GET_ITEM(t, 2);
     return t;
-}
-
-/* a + ", " + b, as the Python versions join Via values */
-static PyObject *
-join2(PyObject *a, PyObject *b)
-{
-    Parts p;
-
-    parts_init(&p);
-    if (parts_add(&p, a) < 0 || PARTS_LITERAL(&p, ", ") < 0 || parts_add(&p, b) < 0) {
-        parts_free(&p);
-        return NULL;
-    }
-    return parts_join(&p);
 }
 
 /* the headers' items list (a new reference) */
@@ -1051,7 +1105,7 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
     }
     else {
         GET(o, ex, url);
-        if (PyBytes_Check(o))
+        if (PyBytes_CheckExact(o))
             r = memchr(PyBytes_AS_STRING(o), '?', (size_t)PyBytes_GET_SIZE(o)) != NULL;
         else {
             o2 = PyLong_FromLong('?');
@@ -1082,34 +1136,31 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
         t = unpack_triple(PyList_GET_ITEM(items, i), &lname, &raw, &value);
         if (t == NULL)
             goto error;
-        r = PySet_Contains(skip, lname);
+        r = PySequence_Contains(skip, lname);  /* `in`: a set's own, with its retry for a set */
         if (r < 0) {
             Py_DECREF(t);
             goto error;
         }
-        if (r) {
-            if (bytes_is(lname, n_xff.s, n_xff.n))
+        if (r) {  /* the if/elif chain's comparisons, in order, each able to fail */
+            if ((r = lname_is(lname, n_xff)) > 0)
                 r = PyList_Append(xff, value);
-            else if (bytes_is(lname, n_xfp.s, n_xfp.n))
+            else if (r == 0 && (r = lname_is(lname, n_xfp)) > 0)
                 Py_SETREF(xfp, Py_NewRef(value));
-            else if (bytes_is(lname, n_xfh.s, n_xfh.n))
+            else if (r == 0 && (r = lname_is(lname, n_xfh)) > 0)
                 Py_SETREF(xfh, Py_NewRef(value));
-            else if (bytes_is(lname, n_via.s, n_via.n)) {
+            else if (r == 0 && (r = lname_is(lname, n_via)) > 0) {
                 r = PyObject_IsTrue(via);
                 if (r == 0)
                     Py_SETREF(via, Py_NewRef(value));
                 else if (r > 0) {
-                    o2 = join2(via, value);
-                    if (o2 == NULL)
+                    PyObject *joined = concat_comma(via, value);
+                    if (joined == NULL)
                         r = -1;
-                    else {
-                        Py_SETREF(via, o2);
-                        o2 = NULL;
-                        r = 0;
-                    }
+                    else
+                        Py_SETREF(via, joined);
                 }
             }
-            else if (bytes_is(lname, n_traceparent.s, n_traceparent.n))
+            else if (r == 0 && (r = lname_is(lname, n_traceparent)) > 0)
                 Py_SETREF(incoming, Py_NewRef(value));
             Py_DECREF(t);
             if (r < 0)
@@ -1139,25 +1190,31 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
     GET(conn, ex, conn);
     GET(o, conn, peer_ip_bytes);
     PUT("x-forwarded-for: ");
-    if (trusted && PyList_GET_SIZE(xff) > 0) {
-        for (i = 0; i < PyList_GET_SIZE(xff); i++) {
-            ADD(PyList_GET_ITEM(xff, i));
-            PUT(", ");
-        }
+    if (trusted && PyList_GET_SIZE(xff) > 0) {  /* b", ".join(xff): eager, as in Python */
+        o2 = PyObject_CallMethodOneArg(b_comma_space, s_join, xff);
+        if (o2 == NULL)
+            goto error;
+        ADD(o2);
+        Py_CLEAR(o2);
+        PUT(", ");
     }
     ADD(o);
     PUT("\r\n");
     PUT("x-forwarded-proto: ");
-    TRUTH(r, xfp);
-    if (trusted && r)
+    r = 0;
+    if (trusted)  /* Python's `and` */
+        TRUTH(r, xfp);
+    if (r)
         ADD(xfp);
     else {
         GET(o, conn, scheme);
         ADD(o);
     }
     PUT("\r\n");
-    TRUTH(r, xfh);
-    if (trusted && r)
+    r = 0;
+    if (trusted)
+        TRUTH(r, xfh);
+    if (r)
         Py_XSETREF(o, Py_NewRef(xfh));
     else
         GET(o, ex, host);
@@ -1172,9 +1229,10 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
     if (r) {
         PUT("via: ");
         TRUTH(r, via);
-        if (r) {
-            ADD(via);
-            PUT(", ");
+        if (r) {  /* via + b", " + fwd.via: eager, as in Python */
+            Py_SETREF(o, concat_comma(via, o));
+            if (o == NULL)
+                goto error;
         }
         ADD(o);
         PUT("\r\n");
@@ -1197,8 +1255,8 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
     ADD(o);
     PUT(": ");
     GET(o, ex, request_id);
-    Py_SETREF(o, PyUnicode_Check(o) ? PyUnicode_AsLatin1String(o)
-                                    : PyObject_CallMethod(o, "encode", "s", "latin-1"));
+    Py_SETREF(o, PyUnicode_CheckExact(o) ? PyUnicode_AsLatin1String(o)
+                                         : PyObject_CallMethod(o, "encode", "s", "latin-1"));
     if (o == NULL)
         goto error;
     ADD(o);
@@ -1222,14 +1280,22 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
                 Py_CLEAR(o2);
                 if (child == NULL)
                     goto error;
-                if (!PyTuple_Check(child) || PyTuple_GET_SIZE(child) != 2) {
-                    PyErr_SetString(PyExc_TypeError, "trace_child() must return a 2-tuple");
-                    goto error;
+                if (!PyTuple_CheckExact(child) || PyTuple_GET_SIZE(child) != 2) {
+                    /* unpacked as Python unpacks: any iterable of exactly two */
+                    Py_SETREF(child, PySequence_Tuple(child));
+                    if (child == NULL)
+                        goto error;
+                    if (PyTuple_GET_SIZE(child) != 2) {
+                        PyErr_Format(PyExc_ValueError, "%s values to unpack (expected 2, got %zd)",
+                                     PyTuple_GET_SIZE(child) < 2 ? "not enough" : "too many",
+                                     PyTuple_GET_SIZE(child));
+                        goto error;
+                    }
                 }
                 tid = PyTuple_GET_ITEM(child, 0);
-                decoded = PyBytes_Check(tid)
+                decoded = PyBytes_CheckExact(tid)
                     ? PyUnicode_DecodeUTF8(PyBytes_AS_STRING(tid), PyBytes_GET_SIZE(tid), NULL)
-                    : PyObject_CallMethod(tid, "decode", NULL);
+                    : PyObject_CallMethodNoArgs(tid, s_decode);
                 Py_SETREF(o, Py_NewRef(PyTuple_GET_ITEM(child, 1)));
             }
             if (decoded == NULL || o == NULL) {
@@ -1253,6 +1319,7 @@ heads_request_head(Heads *self, PyObject *const *args, Py_ssize_t nargs)
     PUT("host: ");
     ADD(host);
     PUT("\r\n\r\n");
+    Py_CLEAR(o);  /* conn.tls_client or its header_block */
     o = parts_join(&p);
     goto done;
 
@@ -1287,8 +1354,8 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
     PyObject *skip, *t, *lname, *raw, *value;
     Parts p;
     Py_ssize_t i, k, nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    long status, flags;
-    int r, has_date = 0, has_rid = 0, overflow;
+    long status = 0, flags;
+    int r, has_date = 0, has_rid = 0, overflow = 0, generic, in_range;
 
     if (nargs > 8) {
         PyErr_SetString(PyExc_TypeError, "response_head() takes at most 8 arguments");
@@ -1320,17 +1387,32 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
     parts_init(&p);
 
     GET(o, ex, status);
-    if (!PyLong_Check(o)) {
-        PyErr_SetString(PyExc_TypeError, "the status must be an int");
-        goto error;
+    generic = !PyLong_Check(o);
+    if (!generic) {
+        status = PyLong_AsLongAndOverflow(o, &overflow);
+        if (status == -1 && PyErr_Occurred())
+            goto error;
+        in_range = !overflow && status >= 100 && status < 600;
     }
-    status = PyLong_AsLongAndOverflow(o, &overflow);
-    if (status == -1 && PyErr_Occurred())
-        goto error;
+    else {  /* 100 <= status < 600 with Python's comparisons (a float compares, a str raises) */
+        in_range = PyObject_RichCompareBool(int_100, o, Py_LE);
+        if (in_range > 0)
+            in_range = PyObject_RichCompareBool(o, int_600, Py_LT);
+        if (in_range < 0)
+            goto error;
+    }
     GET(o2, ex, http10);
-    if (!overflow && status >= 100 && status < 600) {
+    if (in_range) {
         TRUTH(r, o2);
-        ADD(PyTuple_GET_ITEM(r ? self->status_lines_10 : self->status_lines_11, status));
+        t = r ? self->status_lines_10 : self->status_lines_11;
+        if (!generic)
+            ADD(PyTuple_GET_ITEM(t, status));
+        else {  /* the table's own indexing: a float index is its TypeError */
+            Py_SETREF(o, PyObject_GetItem(t, o));
+            if (o == NULL)
+                goto error;
+            ADD(o);
+        }
     }
     else {
         Py_SETREF(o, PyObject_CallFunctionObjArgs(self->status_line, o, o2, NULL));
@@ -1339,7 +1421,7 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
         ADD(o);
     }
     if (connection != Py_None) {
-        r = PySet_Contains(self->plain_connection, connection);
+        r = PySequence_Contains(self->plain_connection, connection);
         if (r < 0)
             goto error;
         if (!r) {
@@ -1372,19 +1454,19 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
             t = unpack_triple(PyList_GET_ITEM(items, i), &lname, &raw, &value);
             if (t == NULL)
                 goto error;
-            r = PySet_Contains(skip, lname);
+            r = PySequence_Contains(skip, lname);
             if (r > 0) {
-                if (bytes_is(lname, n_via.s, n_via.n)) {
+                r = lname_is(lname, n_via);
+                if (r > 0) {
                     r = PyObject_IsTrue(via);
                     if (r == 0)
                         Py_SETREF(via, Py_NewRef(value));
-                    else if (r > 0) {
-                        o = join2(via, value);
-                        if (o == NULL)
+                    else if (r > 0) {  /* not into o: it holds ex.conn here */
+                        PyObject *joined = concat_comma(via, value);
+                        if (joined == NULL)
                             r = -1;
                         else
-                            Py_SETREF(via, o);
-                        o = NULL;
+                            Py_SETREF(via, joined);
                     }
                 }
                 Py_DECREF(t);
@@ -1400,9 +1482,10 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
                 }
             }
             if (r == 0) {
-                if (bytes_is(lname, n_date.s, n_date.n))
+                r = lname_is(lname, n_date);
+                if (r > 0)
                     has_date = 1;
-                else {
+                else if (r == 0) {
                     r = PyObject_RichCompareBool(lname, o2, Py_EQ);
                     if (r > 0)
                         has_rid = 1;
@@ -1433,8 +1516,8 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
         ADD(o);
         PUT(": ");
         GET(o, ex, request_id);
-        Py_SETREF(o, PyUnicode_Check(o) ? PyUnicode_AsLatin1String(o)
-                                        : PyObject_CallMethod(o, "encode", "s", "latin-1"));
+        Py_SETREF(o, PyUnicode_CheckExact(o) ? PyUnicode_AsLatin1String(o)
+                                             : PyObject_CallMethod(o, "encode", "s", "latin-1"));
         if (o == NULL)
             goto error;
         ADD(o);
@@ -1448,9 +1531,10 @@ heads_response_head(Heads *self, PyObject *const *args, Py_ssize_t nargs, PyObje
     if (r) {
         PUT("via: ");
         TRUTH(r, via);
-        if (r) {
-            ADD(via);
-            PUT(", ");
+        if (r) {  /* via + b", " + fwd.via: eager, as in Python */
+            Py_SETREF(o, concat_comma(via, o));
+            if (o == NULL)
+                goto error;
         }
         ADD(o);
         PUT("\r\n");
@@ -1504,6 +1588,10 @@ heads_init(Heads *self, PyObject *args, PyObject *kwds)
                                      &PyFrozenSet_Type, &v[3], &v[4], &PyFrozenSet_Type, &v[5],
                                      &PyFrozenSet_Type, &v[6], &v[7], &v[8], &has_date, &has_rid))
         return -1;
+    if (self->status_lines_10 != NULL) {  /* its fields are used borrowed, across calls out */
+        PyErr_SetString(PyExc_TypeError, "Heads.__init__ may be called once");
+        return -1;
+    }
     if (PyTuple_GET_SIZE(v[0]) < 600 || PyTuple_GET_SIZE(v[1]) < 600) {
         PyErr_SetString(PyExc_ValueError, "a status line table has a line for each code < 600");
         return -1;
@@ -1610,6 +1698,18 @@ heads_module_init(void)
     if ((str_##name = PyUnicode_InternFromString(#name)) == NULL) return -1;
     HEAD_NAMES(NAME_INIT)
 #undef NAME_INIT
+#define FIELD_INIT(name, text) \
+    if ((n_##name = PyBytes_FromStringAndSize(text, (Py_ssize_t)sizeof(text) - 1)) == NULL) \
+        return -1;
+    HEAD_FIELD_NAMES(FIELD_INIT)
+#undef FIELD_INIT
+    if ((s_strip = PyUnicode_InternFromString("strip")) == NULL
+        || (s_join = PyUnicode_InternFromString("join")) == NULL
+        || (s_decode = PyUnicode_InternFromString("decode")) == NULL
+        || (float_one = PyFloat_FromDouble(1.0)) == NULL
+        || (int_100 = PyLong_FromLong(100)) == NULL || (int_600 = PyLong_FromLong(600)) == NULL
+        || (b_comma_space = PyBytes_FromStringAndSize(", ", 2)) == NULL)
+        return -1;
     return PyType_Ready(&HeadsType) < 0 || PyType_Ready(&TraceChildType) < 0 ? -1 : 0;
 }
 

@@ -9,8 +9,12 @@ run them on objects whose class changes between calls, and on plain (dict) objec
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import random
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -434,3 +438,108 @@ def test_the_compiled_request_head_runs_the_compiled_trace_child() -> None:
     assert ex.trace_id == "0af7651916cd43dd8448eb211c80319c"
     assert ex.traceparent is not None and b"traceparent: " + ex.traceparent + b"\r\n" in out
     assert trace.parse(ex.traceparent) == (ex.trace_id.encode(), b"01")
+
+
+# -- review regressions: references, foreign descriptors, Python code run mid-head ------------
+
+
+def _ex(cert: object = None) -> Exchange:
+    ex = Exchange(Conn(b"10.0.0.1", b"http", b"", cert))  # type: ignore[arg-type]
+    ex.method, ex.url, ex.host, ex.route = b"GET", b"/", b"h", Route(True)  # type: ignore[assignment]
+    ex.request_id, ex.status, ex.http10, ex.keep_alive = "r-1", 200, False, True
+    return ex
+
+
+def test_request_head_keeps_no_reference_to_the_client_certificate_block() -> None:
+    cert = Cert(b"x-client-cert-subject: CN=a\r\n")
+    ex, fwd = _ex(cert), Forwarding([], None, "X-Request-Id", trace=False)
+    before = sys.getrefcount(cert.header_block)
+    for _ in range(100):
+        heads().request_head(ex, Target(b"t"), b"/", False, fwd)  # type: ignore[arg-type]
+    after = sys.getrefcount(cert.header_block)  # not inside assert: its rewriting holds one
+    assert after == before
+
+
+def test_response_head_keeps_no_reference_to_the_connection() -> None:
+    ex = _ex()
+    ex.response_headers = Headers([(b"via", b"Via", b"1.1 a"), (b"via", b"Via", b"1.1 b")])
+    fwd = Forwarding([], "gw", "X-Request-Id")
+    before = sys.getrefcount(ex.conn)
+    for _ in range(100):
+        out = heads().response_head(ex, b"0", False, fwd, b"date: x\r\n")
+    after = sys.getrefcount(ex.conn)
+    assert after == before
+    assert out == response_head_py(ex, b"0", False, fwd, b"date: x\r\n")
+
+
+def test_a_failing_request_head_leaves_the_trace_state_python_leaves() -> None:
+    # b"".join is the last step of request_head_py: ex.traceparent is set before it fails
+    states = []
+    for head in (heads().request_head, request_head_py):
+        ex = _ex()
+        ex.headers.add(b"Accept", "text")  # type: ignore[arg-type]
+        with mock.patch.object(trace, "child", _child), pytest.raises(TypeError):
+            head(ex, Target(b"t"), b"/", False, Forwarding([], "gw", "X-Request-Id"))  # type: ignore[arg-type]
+        states.append((ex.trace_id, ex.traceparent))
+    assert states[0] == states[1] and states[0][1] is not None
+
+
+def test_heads_and_trace_child_are_initialised_once() -> None:
+    h = heads()
+    with pytest.raises(TypeError):
+        h.__init__(**{})  # type: ignore[misc]
+    with pytest.raises(TypeError, match="once"):
+        h.__init__(  # type: ignore[misc]
+            status_lines_10=(b"",) * 600, status_lines_11=(b"",) * 600, status_line=None,
+            plain_connection=frozenset(), connection_tokens=None, response_skip=frozenset(),
+            response_skip_hsts=frozenset(), trace_child=None, body_chunked=0, has_date=1,
+            has_request_id=2,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="once"):
+        trace.child.__init__(trace.hex_block, lambda: 0.5)  # type: ignore[misc]
+
+
+CRASHES = {
+    "foreign member descriptor": """
+        class Big:
+            __slots__ = ("a0",)
+        class Small(int):  # Big's a0 offset, read in an int: its digit count, not an object
+            __slots__ = ()
+        Small.host_header = Big.__dict__["a0"]  # what member_get refuses (a TypeError)
+        for _ in range(3):
+            ex = _ex(); ex.route = None
+            try:
+                fwd = Forwarding([], None, "X-Request-Id")
+                heads().request_head(ex, Small(10**30), b"/", False, fwd)
+            except TypeError:
+                pass
+        print("ok")
+    """,
+    "a header whose __iter__ drops it": """
+        ex = _ex()
+        class T:
+            __slots__ = ()
+            def __iter__(self):
+                ex.headers.items.clear()
+                return iter((b"accept", b"Accept", b"x"))
+            def __length_hint__(self):
+                return 3
+        ex.headers.items.append(T())
+        heads().request_head(ex, Target(b"t"), b"/", False, Forwarding([], None, "X-Request-Id"))
+        print("ok")
+    """,
+}
+
+
+@pytest.mark.parametrize("name", list(CRASHES))
+def test_no_crash(name: str) -> None:
+    code = (
+        "import inspect, sys; sys.path.insert(0, 'tests/unit')\n"
+        "from test_speedups_heads import Cert, Conn, Route, Target, heads\n"
+        "from gateway.proxy.exchange import Exchange\n"
+        "from gateway.proxy.forward import Forwarding\n"
+        + inspect.getsource(_ex)
+        + textwrap.dedent(CRASHES[name])
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
