@@ -1,6 +1,6 @@
 /* Compiled fast paths for the data plane's per-request work, with the same behaviour as the
  * pure-Python versions they stand in for (gateway/http/fields.py, gateway/state/shm.py,
- * gateway/proxy/forward.py).
+ * gateway/proxy/forward.py, gateway/http/trace.py, gateway/proxy/exchange.py).
  * Built when a C compiler is present (setup.py: an optional extension); the gateway runs the
  * Python versions otherwise. tests/unit/test_speedups.py checks the two agree.
  *
@@ -1713,6 +1713,164 @@ heads_module_init(void)
     return PyType_Ready(&HeadsType) < 0 || PyType_Ready(&TraceChildType) < 0 ? -1 : 0;
 }
 
+/* -- SlotDefaults: a new object's __slots__ set to their defaults in one call ---------------- */
+
+/* SlotDefaults(cls, defaults)(obj): obj.<name> = value for each (name, value) of defaults,
+ * each name a __slots__ member of cls, written at its offset; obj must be a cls. The
+ * reference version is the loop of setattr in gateway/proxy/exchange.py (fill_slots_py). */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyTypeObject *cls;        /* a reference */
+    PyObject *values;         /* tuple, a reference to each value */
+    Py_ssize_t n;
+    Py_ssize_t *offsets;      /* PyMem */
+} SlotDefaults;
+
+static int
+slot_defaults_init(SlotDefaults *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *cls, *defaults, *items = NULL, *values = NULL, *name, *descr;
+    Py_ssize_t i, n, *offsets = NULL;
+    PyMemberDef *member;
+    static char *kwlist[] = {"cls", "defaults", NULL};
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!:SlotDefaults", kwlist, &PyType_Type,
+                                     &cls, &PyDict_Type, &defaults))
+        return -1;
+    if (self->offsets != NULL) {
+        PyErr_SetString(PyExc_TypeError, "SlotDefaults.__init__ may be called once");
+        return -1;
+    }
+    items = PyDict_Items(defaults);
+    if (items == NULL)
+        return -1;
+    n = PyList_GET_SIZE(items);
+    values = PyTuple_New(n);
+    offsets = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(Py_ssize_t));
+    if (values == NULL || offsets == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (i = 0; i < n; i++) {
+        name = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        descr = PyUnicode_Check(name) ? _PyType_Lookup((PyTypeObject *)cls, name) : NULL;
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            || !PyType_IsSubtype((PyTypeObject *)cls, PyDescr_TYPE(descr))
+            || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX
+            || (((PyMemberDescrObject *)descr)->d_member->flags & READONLY)) {
+            PyErr_Format(PyExc_ValueError, "%R is not a writable __slots__ member of %R",
+                         name, cls);
+            goto error;
+        }
+        member = ((PyMemberDescrObject *)descr)->d_member;
+        offsets[i] = member->offset;
+        PyTuple_SET_ITEM(values, i, Py_NewRef(PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1)));
+    }
+    Py_DECREF(items);
+    self->cls = (PyTypeObject *)Py_NewRef(cls);
+    self->values = values;
+    self->n = n;
+    self->offsets = offsets;
+    return 0;
+
+error:
+    Py_XDECREF(items);
+    Py_XDECREF(values);
+    PyMem_Free(offsets);
+    return -1;
+}
+
+static PyObject *
+slot_defaults_call(SlotDefaults *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *obj, **slot, *old;
+    Py_ssize_t i;
+
+    if (self->cls == NULL || self->values == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "SlotDefaults.__init__ was not called");
+        return NULL;
+    }
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "SlotDefaults takes one object");
+        return NULL;
+    }
+    obj = args[0];
+    if (!PyObject_TypeCheck(obj, self->cls)) {
+        PyErr_Format(PyExc_TypeError, "SlotDefaults for %.100s given a %.100s",
+                     self->cls->tp_name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    for (i = 0; i < self->n; i++) {
+        slot = (PyObject **)((char *)obj + self->offsets[i]);
+        old = *slot;
+        *slot = Py_NewRef(PyTuple_GET_ITEM(self->values, i));
+        Py_XDECREF(old);  /* last: a finaliser it runs sees the object filled so far */
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+slot_defaults_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                         PyObject *kwnames)
+{
+    return slot_defaults_call((SlotDefaults *)callable, args, nargsf, kwnames);
+}
+
+static PyObject *
+slot_defaults_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    SlotDefaults *self = (SlotDefaults *)PyType_GenericNew(type, args, kwds);
+
+    if (self != NULL)
+        self->vectorcall = slot_defaults_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+slot_defaults_traverse(SlotDefaults *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->cls);
+    Py_VISIT(self->values);
+    return 0;
+}
+
+static int
+slot_defaults_clear(SlotDefaults *self)
+{
+    /* the offsets stay: cls == NULL makes a call refuse */
+    Py_CLEAR(self->cls);
+    Py_CLEAR(self->values);
+    return 0;
+}
+
+static void
+slot_defaults_dealloc(SlotDefaults *self)
+{
+    PyObject_GC_UnTrack(self);
+    slot_defaults_clear(self);
+    PyMem_Free(self->offsets);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject SlotDefaultsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway._speedups.SlotDefaults",
+    .tp_doc = "SlotDefaults(cls, defaults)\n\n"
+              "Called with a cls instance: sets each __slots__ member named in defaults to "
+              "its value.",
+    .tp_basicsize = sizeof(SlotDefaults),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = slot_defaults_new,
+    .tp_init = (initproc)slot_defaults_init,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(SlotDefaults, vectorcall),
+    .tp_dealloc = (destructor)slot_defaults_dealloc,
+    .tp_traverse = (traverseproc)slot_defaults_traverse,
+    .tp_clear = (inquiry)slot_defaults_clear,
+};
+
 static PyMethodDef methods[] = {
     {"scan_fields", scan_fields, METH_O,
      "scan_fields(fields) -> (plain, content_length, connection, flags)\n\n"
@@ -1733,7 +1891,8 @@ PyInit__speedups(void)
 {
     PyObject *m;
 
-    if (PyType_Ready(&RequestFieldsType) < 0 || heads_module_init() < 0)
+    if (PyType_Ready(&RequestFieldsType) < 0 || heads_module_init() < 0
+        || PyType_Ready(&SlotDefaultsType) < 0)
         return NULL;
     empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     if (empty_bytes == NULL)
@@ -1743,7 +1902,8 @@ PyInit__speedups(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "RequestFields", (PyObject *)&RequestFieldsType) < 0
         || PyModule_AddObjectRef(m, "Heads", (PyObject *)&HeadsType) < 0
-        || PyModule_AddObjectRef(m, "TraceChild", (PyObject *)&TraceChildType) < 0) {
+        || PyModule_AddObjectRef(m, "TraceChild", (PyObject *)&TraceChildType) < 0
+        || PyModule_AddObjectRef(m, "SlotDefaults", (PyObject *)&SlotDefaultsType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

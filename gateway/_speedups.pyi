@@ -2,6 +2,7 @@
 # versions are (they document them). RequestFields has RequestFieldsPy's interface (it is not
 # a subclass: only the type checker sees them as one).
 from collections.abc import Callable
+from typing import Any
 
 from gateway.http.fields import RequestFieldsPy as RequestFields
 from gateway.proxy.exchange import Exchange
@@ -9,7 +10,7 @@ from gateway.proxy.forward import Forwarding
 from gateway.upstream.connection import UpstreamConnection
 from gateway.upstream.target import Target
 
-__all__ = ["Heads", "RequestFields", "TraceChild", "gcra_take", "scan_fields"]
+__all__ = ["Heads", "RequestFields", "SlotDefaults", "TraceChild", "gcra_take", "scan_fields"]
 
 def scan_fields(fields: bytes, /) -> tuple[bytes, bytes | None, bytes | None, int]: ...
 def gcra_take(
@@ -50,3 +51,7 @@ class Heads:
 class TraceChild:
     def __init__(self, hex_block: Callable[[], bytes], random: Callable[[], float]) -> None: ...
     def __call__(self, incoming: bytes | None, sample_ratio: float) -> tuple[bytes, bytes]: ...
+
+class SlotDefaults:
+    def __init__(self, cls: type, defaults: dict[str, Any]) -> None: ...
+    def __call__(self, obj: object, /) -> None: ...

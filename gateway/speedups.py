@@ -8,7 +8,9 @@ when a C compiler and Python's headers are present (``setup.py``: an optional ex
 - ``gcra_take``: a rate-limit bucket's take in the shared-memory table, with its lock held
   (``gateway.state.shm``);
 - ``Heads``: the request head sent upstream and the response head sent back
-  (``gateway.proxy.forward``).
+  (``gateway.proxy.forward``);
+- ``TraceChild``: the ``traceparent`` sent upstream (``gateway.http.trace``);
+- ``SlotDefaults``: a new exchange's starting values (``gateway.proxy.exchange``).
 
 Each has a pure-Python version next to its use that behaves the same (``tests/unit/
 test_speedups.py`` holds them to it) and runs when the extension is missing, or when
@@ -25,7 +27,7 @@ from types import ModuleType
 #: Set (to anything but "" or "0"): run the pure-Python versions of the compiled fast paths.
 NO_SPEEDUPS_ENV = "GATEWAY_NO_SPEEDUPS"
 #: what this code takes from the extension
-_NAMES = ("RequestFields", "scan_fields", "gcra_take", "Heads", "TraceChild")
+_NAMES = ("RequestFields", "scan_fields", "gcra_take", "Heads", "TraceChild", "SlotDefaults")
 
 
 def _load() -> ModuleType | None:

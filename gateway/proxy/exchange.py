@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.http.headers import HeaderLines, Headers
 from gateway.plugin import DEFERRED, Deferred
+from gateway.speedups import compiled
 
 if TYPE_CHECKING:
     from gateway.plugin import Plugin, Reply
@@ -89,67 +91,76 @@ class Exchange:
         "waiter",
     )
 
-    #: Set on the first retry only (gateway.upstream.retry); read with getattr.
+    # The slots' types. Their starting values are EXCHANGE_DEFAULTS (below the class),
+    # but for those __init__ makes per exchange.
+    conn: ClientConnection
+    url: bytes
+    method: bytes
+    path: bytes
+    query: bytes
+    http10: bool
+    headers: Headers
+    host: bytes
+    keep_alive: bool
+    request_id: str
+    route: Route | None
+    client_ip: str
+    body_kind: int
+    content_length: int
+    length_header: bytes | None  # the validated Content-Length, as sent on
+    body_received: int
+    body_buf: list[bytes] | None
+    body_buffered: int
+    max_body: int
+    request_complete: bool
+    expect_continue: bool
+    continue_sent: bool
+    discard_body: bool
+    upstream: UpstreamConnection | None
+    upstream_target: Target | None
+    status: int
+    response_headers: Headers
+    response_extra: HeaderLines | None
+    response_started: bool
+    response_chunked: bool
+    bytes_out: int
+    reply_code: str
+    pending_error: str
+    retries: int
+    # Retries (gateway.upstream.retry): the body kept for replay; when the sweep first saw
+    # the exchange in its upstream phase (for the total timeout); the targets of failed
+    # attempts, set on the first retry only (read it with getattr).
+    replay: list[bytes] | None
+    upstream_since: float
     tried: tuple[Target, ...]
+    plugins_ran: int
+    plugins_since: float  # when the async request plugins started
+    #: what the exchange waits on (a task, a request hook's future, or ``DEFERRED``: a
+    #: hook's ``resume``); cancelled if it ends
+    task: asyncio.Future[Any] | Deferred | None
+    #: in a chain run as a task, the future that a ``DEFERRED`` hook's ``resume`` resolves
+    waiter: asyncio.Future[Any] | None
+    done: bool
+    user: str | None
+    #: plugins' own per-request state; a verified client certificate's tls.client_* variables
+    vars: dict[str, Any] | None
+    notes: dict[str, Any] | None
+    t_start: float  # the request's first byte (or the error replacing it)
+    t_upstream: float  # upstream request started (0.0: never)
+    t_upstream_head: float  # upstream response head received
+    trace_id: str
+    traceparent: bytes | None
 
     def __init__(self, conn: ClientConnection) -> None:
+        _fill_defaults(self)  # every slot in EXCHANGE_DEFAULTS, in one call where compiled
         self.conn = conn
-        self.url = b""
-        self.method = b""
-        self.path = b""
-        self.query = b""
-        self.http10 = False
         self.headers = Headers()
-        self.host = b""
-        self.keep_alive = True
-        self.request_id = ""
-        self.route: Route | None = None
-        self.client_ip = conn.client_ip
-        self.body_kind = BODY_NONE
-        self.content_length = 0
-        self.length_header: bytes | None = None  # the validated Content-Length, as sent on
-        self.body_received = 0
-        self.body_buf: list[bytes] | None = None
-        self.body_buffered = 0
-        self.max_body = 0
-        self.request_complete = False
-        self.expect_continue = False
-        self.continue_sent = False
-        self.discard_body = False
-        self.upstream: UpstreamConnection | None = None
-        self.upstream_target: Target | None = None
-        self.status = 0
         self.response_headers = Headers()
-        self.response_extra: HeaderLines | None = None
-        self.response_started = False
-        self.response_chunked = False
-        self.bytes_out = 0
-        self.reply_code = ""
-        self.pending_error = ""
-        self.retries = 0
-        # Retries (gateway.upstream.retry): the body kept for replay; when the sweep first saw
-        # the exchange in its upstream phase (for the total timeout). ``tried`` (the targets
-        # of failed attempts) is set on the first retry only: read it with getattr.
-        self.replay: list[bytes] | None = None
-        self.upstream_since = 0.0
-        self.plugins_ran = 0
-        self.plugins_since = 0.0  # when the async request plugins started
-        #: what the exchange waits on (a task, a request hook's future, or ``DEFERRED``: a
-        #: hook's ``resume``); cancelled if it ends
-        self.task: asyncio.Future[Any] | Deferred | None = None
-        #: in a chain run as a task, the future that a ``DEFERRED`` hook's ``resume`` resolves
-        self.waiter: asyncio.Future[Any] | None = None
-        self.done = False
-        self.user: str | None = None
+        self.client_ip = conn.client_ip
         # A verified client certificate (gateway.tls) shows as tls.client_* variables.
         client_cert = conn.tls_client
-        self.vars: dict[str, Any] | None = None if client_cert is None else client_cert.vars.copy()
-        self.notes: dict[str, Any] | None = None
-        self.t_start = _monotonic()  # the request's first byte (or the error replacing it)
-        self.t_upstream = 0.0  # upstream request started (0.0: never)
-        self.t_upstream_head = 0.0  # upstream response head received
-        self.trace_id = ""
-        self.traceparent: bytes | None = None
+        self.vars = None if client_cert is None else client_cert.vars.copy()
+        self.t_start = _monotonic()
 
     def var(self, name: str, default: Any = None) -> Any:
         v = self.vars
@@ -218,3 +229,66 @@ class Exchange:
             f"<Exchange {self.request_id} {self.method.decode()} "
             f"{self.url.decode('latin-1')} status={self.status}>"
         )
+
+
+#: An exchange's starting values (the types and meanings are in the class), but for those
+#: ``__init__`` makes per exchange. ``tried`` stays unset. Immutable values only: every
+#: exchange gets the same objects.
+EXCHANGE_DEFAULTS: dict[str, Any] = {
+    "url": b"",
+    "method": b"",
+    "path": b"",
+    "query": b"",
+    "http10": False,
+    "host": b"",
+    "keep_alive": True,
+    "request_id": "",
+    "route": None,
+    "body_kind": BODY_NONE,
+    "content_length": 0,
+    "length_header": None,
+    "body_received": 0,
+    "body_buf": None,
+    "body_buffered": 0,
+    "max_body": 0,
+    "request_complete": False,
+    "expect_continue": False,
+    "continue_sent": False,
+    "discard_body": False,
+    "upstream": None,
+    "upstream_target": None,
+    "status": 0,
+    "response_extra": None,
+    "response_started": False,
+    "response_chunked": False,
+    "bytes_out": 0,
+    "reply_code": "",
+    "pending_error": "",
+    "retries": 0,
+    "replay": None,
+    "upstream_since": 0.0,
+    "plugins_ran": 0,
+    "plugins_since": 0.0,
+    "task": None,
+    "waiter": None,
+    "done": False,
+    "user": None,
+    "notes": None,
+    "t_upstream": 0.0,
+    "t_upstream_head": 0.0,
+    "trace_id": "",
+    "traceparent": None,
+}
+
+
+def fill_defaults_py(ex: Exchange) -> None:
+    """Set ``ex``'s slots to ``EXCHANGE_DEFAULTS``. The reference version: ``SlotDefaults``
+    (``gateway/_speedups.c``), compiled, writes the same slots in one call (~2k
+    instructions less per request: callgrind)."""
+    for name, value in EXCHANGE_DEFAULTS.items():
+        setattr(ex, name, value)
+
+
+_fill_defaults: Callable[[Exchange], None] = (
+    compiled.SlotDefaults(Exchange, EXCHANGE_DEFAULTS) if compiled is not None else fill_defaults_py
+)

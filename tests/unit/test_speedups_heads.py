@@ -543,3 +543,71 @@ def test_no_crash(name: str) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# -- SlotDefaults: an exchange's starting values in one call ----------------------------------
+
+
+def _slots(ex: Exchange) -> dict[str, object]:
+    return {n: getattr(ex, n) for n in Exchange.__slots__ if hasattr(ex, n)}
+
+
+def test_an_exchange_starts_with_every_slot_set_but_tried() -> None:
+    from gateway.proxy import exchange
+
+    conn = Conn(b"10.0.0.1", b"http", b"", Cert(b""))
+    conn.tls_client.vars["tls.client_subject"] = "CN=a"  # type: ignore[attr-defined]
+    ex = Exchange(conn)  # type: ignore[arg-type]
+    assert set(Exchange.__slots__) - set(_slots(ex)) == {"tried"}
+    assert ex.vars == {"tls.client_subject": "CN=a"} and ex.conn is conn
+    # the compiled filler and the Python one leave the same values
+    py = Exchange.__new__(Exchange)
+    exchange.fill_defaults_py(py)
+    compiled = Exchange.__new__(Exchange)
+    exchange._fill_defaults(compiled)
+    assert isinstance(exchange._fill_defaults, _speedups.SlotDefaults)
+    assert _slots(py) == _slots(compiled) == exchange.EXCHANGE_DEFAULTS
+    # refilled: the values are replaced, and the old ones released
+    compiled.url = b"/x"
+    exchange._fill_defaults(compiled)
+    assert compiled.url == b""
+
+
+def test_slot_defaults_refuses_what_is_not_a_slot() -> None:
+    class Plain:
+        x = 1
+
+    class Slotted:
+        __slots__ = ("a", "b")
+
+    with pytest.raises(ValueError, match="'x'"):
+        _speedups.SlotDefaults(Plain, {"x": 1})
+    with pytest.raises(ValueError, match="'c'"):
+        _speedups.SlotDefaults(Slotted, {"a": 1, "c": 2})
+    with pytest.raises(ValueError, match="__slots__"):
+        _speedups.SlotDefaults(Slotted, {1: 2})
+    with pytest.raises(ValueError, match="'start'"):  # a read-only member
+        _speedups.SlotDefaults(slice, {"start": 2})
+    fill = _speedups.SlotDefaults(Slotted, {"a": [1], "b": None})
+    with pytest.raises(TypeError, match="Slotted"):
+        fill(Plain())
+    with pytest.raises(TypeError):
+        fill()
+    with pytest.raises(TypeError, match="once"):
+        fill.__init__(Slotted, {})  # type: ignore[misc]
+    with pytest.raises(RuntimeError, match="__init__"):
+        _speedups.SlotDefaults.__new__(_speedups.SlotDefaults)(Slotted())
+
+    class Sub(Slotted):
+        __slots__ = ("c",)
+
+    obj = Sub()
+    fill(obj)  # a subclass has the same slots where they were
+    assert obj.a == [1] and obj.a is fill_value(fill, obj) and obj.b is None
+
+
+def fill_value(fill: Any, obj: Any) -> object:
+    """The value the filler wrote (the same object each time: defaults are shared)."""
+    other = type(obj)()
+    fill(other)
+    return other.a
