@@ -13,9 +13,9 @@ when a C compiler and Python's headers are present (``setup.py``: an optional ex
 - ``SlotDefaults``: a new exchange's starting values (``gateway.proxy.exchange``).
 
 Each has a pure-Python version next to its use that behaves the same (``tests/unit/
-test_speedups.py`` holds them to it) and runs when the extension is missing, or when
-``GATEWAY_NO_SPEEDUPS`` is set. ``COMPILED`` says which versions run (the admin ``/status``
-shows it per worker).
+test_speedups.py`` and ``test_speedups_heads.py`` hold them to it) and runs when the
+extension is missing, or when ``GATEWAY_NO_SPEEDUPS`` is set. ``COMPILED`` says which
+versions run (the admin ``/status`` shows it per worker).
 """
 
 from __future__ import annotations

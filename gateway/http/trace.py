@@ -66,7 +66,7 @@ def child_py(incoming: bytes | None, sample_ratio: float) -> tuple[bytes, bytes]
     """``(trace_id, traceparent value)`` for the request sent upstream.
 
     The reference version: ``TraceChild`` (``gateway/_speedups.c``), compiled, does the same
-    (``tests/unit/test_speedups.py``); ``child`` is the one that runs."""
+    (``tests/unit/test_speedups_heads.py``); ``child`` is the one that runs."""
     parsed = parse(incoming) if incoming is not None else None
     # 32 hex digits of trace id (used only for a new trace), then 16 of span id. All zeros,
     # which the spec forbids, has odds of 2**-64 for a span id: not worth a branch.

@@ -140,7 +140,8 @@ def request_head_py(
     already removed when the request was read (before plugins ran).
 
     The reference version: ``Heads.request_head`` (``gateway/_speedups.c``), compiled, does
-    the same (``tests/unit/test_speedups.py``); ``request_head`` is the one that runs."""
+    the same (``tests/unit/test_speedups_heads.py``); ``request_head`` is the one that
+    runs."""
     parts = [ex.method, b" ", path]
     if ex.query:
         parts += (b"?", ex.query)
