@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+import weakref
 from email.utils import formatdate
 from typing import Any
 
@@ -57,6 +58,7 @@ class ServerState:
         "connections",
         "date_header",
         "draining",
+        "handshaking",
         "now",
         "observer",
         "runtime",
@@ -66,6 +68,11 @@ class ServerState:
         self.runtime = runtime
         self.observer = observer
         self.connections: set[ClientConnection] = set()
+        #: Connections accepted on a TLS listener whose handshake is not done: not yet in
+        #: ``connections`` (the protocol's ``connection_made`` comes after the handshake).
+        #: Weak: a failed or timed-out handshake tells the protocol nothing, and its
+        #: dropped protocol leaves the set by itself.
+        self.handshaking: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
         self.draining = False
         self.now = time.monotonic()
         self.date_header = b""
@@ -241,6 +248,7 @@ class Worker:
             "compiled": COMPILED,
             "started": self._started,
             "connections": len(self.state.connections),
+            "tls_handshakes": len(self.state.handshaking),
             "draining": self.state.draining,
             "ready": not any(p.get("ready") is False for p in plugins),
             "plugins": plugins,
@@ -258,14 +266,15 @@ class Worker:
 
     async def _drain(self) -> None:
         """Stop accepting; close keep-alive connections once idle for ``DRAIN_IDLE_GRACE``
-        (in-flight exchanges finish with keep-alive turned off); after ``drain_timeout``
-        close what is left."""
+        (in-flight exchanges finish with keep-alive turned off); TLS handshakes under way
+        are waited for (bounded by the listener's handshake timeout), and their request
+        answered; after ``drain_timeout`` close what is left."""
         state = self.state
         state.draining = True
         for server in self._servers:
             server.close()
         deadline = time.monotonic() + self.drain_timeout
-        while state.connections and time.monotonic() < deadline:
+        while (state.connections or state.handshaking) and time.monotonic() < deadline:
             state.tick()
             now = state.now
             for conn in list(state.connections):

@@ -423,6 +423,7 @@ class Supervisor:
             reported = None
         if reported is not None:
             out["connections"] = reported.get("connections")
+            out["tls_handshakes"] = reported.get("tls_handshakes", 0)
             out["plugins"] = reported.get("plugins", [])
             out["upstreams"] = reported.get("upstreams", {})
             out["plugins_ready"] = reported.get("ready", True)

@@ -100,6 +100,7 @@ class _Reject(Exception):
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "__weakref__",  # ServerState.handshaking
         "_body_since",
         "_feeding",
         "_headers_since",
@@ -151,11 +152,12 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         tls = listener is not None and listener.ssl is not None
         self.scheme = b"https" if tls else b"http"
+        if tls:  # made on accept: its connection_made comes once the handshake is done
+            server.handshaking.add(self)
         self.hsts = listener.hsts if listener is not None else b""
         self.gate: Gate | None = listener.redirect if listener is not None else None
         self.tls_client: ClientCert | None = None
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
         self.peer_ip_bytes = b""
         self.client_ip = ""
@@ -180,6 +182,11 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # Made here, not in __init__: the parser and the protocol refer to each other, and
+        # on a TLS listener the protocol exists from the accept on. A failed handshake (no
+        # connection_made) must leave a protocol that reference counting frees at once, so
+        # that it leaves ServerState.handshaking, which a draining worker waits on.
+        self.parser = httptools.HttpRequestParser(self)
         server = self.server
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
@@ -188,6 +195,7 @@ class ClientConnection(asyncio.Protocol):
         self.trusted_peer = self.runtime.forwarding.is_trusted(self.peer_ip)
         listener = self.listener
         if listener is not None and listener.tls is not None:
+            server.handshaking.discard(self)
             listener.tls.accept(self, transport)
         # Idle from now, not from the protocol's creation: on a TLS listener that was before
         # the handshake, and the server's clock can lag by a sweep. A draining worker closes

@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -611,3 +613,103 @@ def line_of(g: GatewayProcess, needle: str) -> int:
         if needle in text:
             return i
     raise AssertionError(needle)
+
+
+def test_reload_finishes_a_handshake_in_progress(
+    pki: PKI, upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """A worker told to drain while a client is half-way through its TLS handshake waits for
+    that handshake and answers the request (with ``Connection: close``): before the
+    handshake completes, the connection is not yet an HTTP connection the drain could see,
+    and a worker that exited at once left the client with a cut handshake."""
+    port = free_port()
+    config = tls_listener_config(port, str(pki.a_ecdsa.cert), str(pki.a_ecdsa.key))
+    config["upstreams"] = proxy_config(upstream.url)["upstreams"]
+    g = start_gateway(config, port=port)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = pki.client_context().wrap_bio(incoming, outgoing, server_hostname="a.example")
+
+    def step() -> bool:
+        """One handshake step: whether the handshake is done."""
+        try:
+            tls.do_handshake()
+            return True
+        except ssl.SSLWantReadError:
+            return False
+        finally:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        assert not step()  # the ClientHello is sent
+        first = sock.recv(65536)  # the server's first flight: a worker holds the connection
+        assert first, "the gateway closed the connection before its ServerHello"
+        incoming.write(first)
+        before = wait_until(
+            lambda: (
+                (st := g.admin("GET", "/status").json())["workers"][0]["tls_handshakes"] == 1 and st
+            ),
+            what="the handshake in the worker's status",
+        )
+        resp = g.admin("POST", "/reload")
+        assert resp.status == 200 and resp.json()["result"] == "success", resp.body
+        # The old worker has been told to drain; it has no HTTP connection, only this
+        # handshake. Give it time to (wrongly) exit before the handshake goes on.
+        time.sleep(1.5)
+        while not step():
+            data = sock.recv(65536)
+            assert data, "the handshake was cut"
+            incoming.write(data)
+        tls.write(b"GET /echo HTTP/1.1\r\nhost: a.example\r\n\r\n")
+        sock.sendall(outgoing.read())
+        received = b""
+        closed = False  # the gateway's close_notify (it closes after "Connection: close")
+        while not closed:
+            data = sock.recv(65536)
+            assert data, received
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    received += chunk
+                closed = True
+            except ssl.SSLWantReadError:
+                pass
+    head = received.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200 "), received[:300]
+    assert b"\r\nconnection: close" in head, head
+    old = {w["pid"] for w in before["workers"]}
+    wait_until(
+        lambda: not old & {w["pid"] for w in g.admin("GET", "/status").json()["draining_workers"]},
+        what="the old worker to finish draining",
+    )
+
+
+def test_failed_handshakes_are_not_kept(
+    pki: PKI, upstream: UpstreamProcess, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """Handshakes that fail (garbage, a client that hangs up, one that rejects the
+    certificate) leave the worker's count of handshakes under way: it is what a draining
+    worker waits for."""
+    port = free_port()
+    config = tls_listener_config(port, str(pki.a_ecdsa.cert), str(pki.a_ecdsa.key))
+    config["upstreams"] = proxy_config(upstream.url)["upstreams"]
+    g = start_gateway(config, port=port)
+
+    def under_way() -> int:
+        return int(g.admin("GET", "/status").json()["workers"][0]["tls_handshakes"])
+
+    pending = socket.create_connection(("127.0.0.1", port), timeout=10)  # says nothing yet
+    wait_until(lambda: under_way() == 1, what="the silent connection to be counted")
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")  # plain HTTP on a TLS port
+            s.recv(100)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            pass  # hangs up before its ClientHello
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tls_conn(port, ssl.create_default_context(), "a.example")  # untrusted CA
+    wait_until(lambda: under_way() == 1, what="failed handshakes to leave the count")
+    pending.close()
+    wait_until(lambda: under_way() == 0, what="the count to reach zero")
+    assert tls_get(port, pki.client_context()).status == 200
+    assert under_way() == 0
