@@ -264,6 +264,22 @@ class RespLink(_Link):
         self.conn = conn
         self.server = where.describe()
         await conn.call("PING")
+        if self._sentinel is not None:
+            # Sentinel can still name a master that has become a replica (a failover it has
+            # not finished, an old master back as a replica). Writing there would fail each
+            # batch with READONLY; refusing it keeps the backend degraded, with a clear
+            # error, and the reconnect loop asks Sentinel again.
+            role = await conn.call("ROLE")
+            if not isinstance(role, list) or not role or role[0] != b"master":
+                self.conn = None
+                resp.close_quietly(conn)
+                named = (
+                    role[0].decode(errors="replace") if isinstance(role, list) and role else role
+                )
+                raise ConnectionError(
+                    f"Sentinel names {self.server} as the master of {self._service!r}, "
+                    f"but its role is {named!r}"
+                )
 
     async def call(self, *args: Any) -> Any:
         conn = self.conn

@@ -189,6 +189,44 @@ async def test_sentinel_url_finds_the_master(redis: RedisServer) -> None:
         sentinel.stop()
 
 
+async def test_sentinel_naming_a_replica_is_refused_until_it_is_a_master(
+    redis: RedisServer,
+) -> None:
+    """Sentinel still names the master after it became a replica (Sentinel only moves on by
+    a failover): the backend checks ``ROLE``, stays degraded with the reason, and connects
+    once the node is a master again."""
+    other = RedisServer()
+    sentinel = RedisSentinel(redis)
+    try:
+        assert redis.command("REPLICAOF", "127.0.0.1", other.port).startswith(b"+OK")
+        config = StateConfig(backend="redis", url=sentinel.url, timeout=2.0, nodes=1)
+        backend = RedisBackend(config)
+        await backend.start()
+        try:
+            assert not backend.healthy
+            error = backend.status()["last_error"]
+            assert error == (
+                f"ConnectionError: Sentinel names 127.0.0.1:{redis.port} as the master of "
+                "'gw', but its role is 'slave'"
+            ), error
+            verdict = await backend.buckets(HOURLY).take("stale-master", 1)
+            assert verdict.allowed and verdict.mode == LOCAL  # on_error: local
+            assert redis.command("REPLICAOF", "NO", "ONE").startswith(b"+OK")
+            deadline = time.monotonic() + 20
+            while not backend.healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert backend.healthy, backend.status()
+            verdict = await backend.buckets(HOURLY).take("stale-master", 1)
+            assert verdict.allowed and verdict.mode == OK
+            assert b"gw:rl:{stale-master}:h" in redis.command("KEYS", "gw:rl:*")
+        finally:
+            await backend.close()
+    finally:
+        redis.command("REPLICAOF", "NO", "ONE")
+        sentinel.stop()
+        other.stop()
+
+
 async def test_keys_that_are_not_valid_utf8_are_hashed_not_fatal(redis: RedisServer) -> None:
     # A lone surrogate (a JSON claim can carry one) cannot be encoded as UTF-8.
     backend = await started(redis)
