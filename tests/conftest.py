@@ -29,11 +29,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The session's redis-server, running and empty; restarted after a test that killed it."""
+    """The session's redis-server, running and empty; restarted after a test that killed it,
+    thawed after one that froze it."""
     if not redis_server.alive():
         redis_server.start()
     redis_server.flush()
     yield redis_server
+    redis_server.thaw()
     if not redis_server.alive():
         redis_server.start()
 

@@ -1,8 +1,13 @@
 """A real ``redis-server`` on a free loopback port, with the faults the tests need.
 
-``stall(seconds)`` sends ``DEBUG SLEEP`` (the server answers nothing meanwhile), ``kill()``
-SIGKILLs it, ``restart()`` starts it again on the same port (with an empty dataset and script
-cache, as after a crash).
+``freeze()`` stops the server process (SIGSTOP) and returns once it is stopped: from then on
+it answers nothing (the kernel still accepts connections and buffers what clients send) until
+``thaw()``; ``stall(seconds)`` freezes it for that long. ``kill()`` SIGKILLs it, ``restart()``
+starts it again on the same port (with an empty dataset and script cache, as after a crash).
+
+A stall is made by stopping the process rather than with ``DEBUG SLEEP`` sent from a thread:
+that command reaches the server some time later, and a test that went on meanwhile talked to a
+server that was not stalled yet (the stall's start was a race, and its end a timer).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="gw-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra: tuple[str, ...] = ()
+        self._thaw_timer: threading.Timer | None = None
         self.start()
 
     @property
@@ -74,22 +80,37 @@ class RedisServer:
     def flush(self) -> None:
         assert self.command("FLUSHALL").startswith(b"+OK")
 
+    def freeze(self) -> None:
+        """Stop the server (SIGSTOP); return once it is stopped, so that every command sent
+        from now on waits until ``thaw()``."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while _state(self.proc.pid) != "T":  # the signal is delivered asynchronously
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not stop")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """Let a frozen server go on (SIGCONT): it then answers what it was sent meanwhile."""
+        timer, self._thaw_timer = self._thaw_timer, None
+        if timer is not None:
+            timer.cancel()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stall(self, seconds: float) -> None:
-        """Make the server sleep ``seconds`` (DEBUG SLEEP), without waiting for it here."""
-
-        def run() -> None:
-            try:
-                self.command("DEBUG", "SLEEP", seconds, timeout=seconds + 10)
-            except OSError:
-                pass
-
-        threading.Thread(target=run, daemon=True).start()
-        time.sleep(0.05)  # let the command reach the server
+        """Freeze the server now, and thaw it ``seconds`` later without waiting for it here."""
+        self.freeze()
+        self._thaw_timer = threading.Timer(seconds, self.thaw)
+        self._thaw_timer.daemon = True
+        self._thaw_timer.start()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        self.thaw()  # a timer of a stall has nothing left to do
 
     def restart(self) -> None:
         self.kill()
@@ -99,6 +120,7 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        self.thaw()  # a stopped process would not act on SIGTERM
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -107,6 +129,12 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (``T``: stopped by a signal)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _cluster_port() -> int:
@@ -136,6 +164,7 @@ class RedisClusterServers:
                 node.port = _cluster_port()
                 node.dir = tempfile.mkdtemp(prefix="gw-redis-cluster-")
                 node.proc = None
+                node._thaw_timer = None
                 node.extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
                 node.start()
                 self.nodes.append(node)
