@@ -1,13 +1,15 @@
 """A real ``redis-server`` on a free loopback port, with the faults the tests need.
 
-``freeze()`` stops the server process (SIGSTOP) and returns once it is stopped: from then on
-it answers nothing (the kernel still accepts connections and buffers what clients send) until
-``thaw()``; ``stall(seconds)`` freezes it for that long. ``kill()`` SIGKILLs it, ``restart()``
-starts it again on the same port (with an empty dataset and script cache, as after a crash).
+Two kinds of stall, each returning once it is in effect (a test that went on as soon as the
+fault was sent could talk to a server not stalled yet):
 
-A stall is made by stopping the process rather than with ``DEBUG SLEEP`` sent from a thread:
-that command reaches the server some time later, and a test that went on meanwhile talked to a
-server that was not stalled yet (the stall's start was a race, and its end a timer).
+- ``freeze()`` stops the server process (SIGSTOP): a hung host. It answers nothing (the
+  kernel still accepts connections and buffers what clients send) until ``thaw()``;
+  ``stall(seconds)`` freezes it for that long.
+- ``debug_sleep(seconds)`` sends ``DEBUG SLEEP``: a server busy with one slow command.
+
+``kill()`` SIGKILLs it, ``restart()`` starts it again on the same port (with an empty dataset
+and script cache, as after a crash).
 """
 
 from __future__ import annotations
@@ -106,6 +108,30 @@ class RedisServer:
         self._thaw_timer.daemon = True
         self._thaw_timer.start()
 
+    def debug_sleep(self, seconds: float) -> None:
+        """Send ``DEBUG SLEEP seconds`` (from a thread: its reply comes when the sleep ends)
+        and return once the server sleeps: its main thread blocked in a system call other
+        than the one it waits for events in (``/proc/<pid>/syscall``)."""
+        assert self.proc is not None and self.proc.poll() is None
+        pid = self.proc.pid
+        idle = _syscall(pid)
+        while idle == "running":  # between two waits for events (serverCron, ...)
+            time.sleep(0.001)
+            idle = _syscall(pid)
+
+        def run() -> None:
+            try:
+                self.command("DEBUG", "SLEEP", seconds, timeout=seconds + 10)
+            except OSError:
+                pass
+
+        threading.Thread(target=run, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while _syscall(pid) in (idle, "running"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start its DEBUG SLEEP")
+            time.sleep(0.001)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -135,6 +161,12 @@ def _state(pid: int) -> str:
     """A process's state letter from /proc (``T``: stopped by a signal)."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _syscall(pid: int) -> str:
+    """The system call a process's main thread is blocked in (its number), or ``running``."""
+    with open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()[0]
 
 
 def _cluster_port() -> int:
