@@ -1,5 +1,5 @@
 # Sourced by scripts/run and scripts/test: makes .venv with the project installed.
-# BOOTSTRAP_EXTRAS selects pip extras (e.g. "test,bench"); BOOTSTRAP_SYSTEM lists commands
+# BOOTSTRAP_EXTRAS selects the project's extras (e.g. "test,bench"); BOOTSTRAP_SYSTEM lists commands
 # whose Debian packages must be present (installed with apt-get when running as root).
 # BOOTSTRAP_COMPILED=required makes the compiled fast paths (gateway/_speedups.c) a must:
 # a C compiler and Python's headers are installed with apt-get when root, otherwise it stops
@@ -44,17 +44,34 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 
-extras=${BOOTSTRAP_EXTRAS:-}
-spec="."
-[ -z "$extras" ] || spec=".[$extras]"
-stamp="$VENV/.installed-$(cat pyproject.toml setup.py gateway/_speedups.c | sha1sum | cut -c1-12)-${extras//,/_}"
-if [ ! -f "$stamp" ]; then
-  echo "installing the gateway and its dependencies into $VENV ..." >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e "$spec"
-  rm -f "$VENV"/.installed-*
-  touch "$stamp"
+# Python packages come from uv.lock only (exact versions and hashes). uv itself is in the lock (the
+# `tools` group): the first time, the venv's pip installs that exact uv wheel, checked against the
+# lock's hashes; after that uv keeps itself at the locked version.
+export UV_PROJECT_ENVIRONMENT="$VENV" UV_PYTHON_DOWNLOADS=never
+if [ ! -x "$VENV/bin/uv" ]; then
+  echo "installing uv (the version and hashes in uv.lock) into $VENV ..." >&2
+  "$VENV/bin/python" - <<'PY' >"$VENV/uv-requirement.txt"
+import tomllib
+lock = tomllib.load(open("uv.lock", "rb"))
+(uv,) = [p for p in lock["package"] if p["name"] == "uv"]
+hashes = " ".join(f"--hash={w['hash']}" for w in uv["wheels"])
+print(f"uv=={uv['version']} {hashes}")
+PY
+  "$VENV/bin/python" -m pip install -q --no-deps --only-binary :all: --require-hashes \
+    -r "$VENV/uv-requirement.txt" || die "could not install uv from the hashes in uv.lock"
 fi
+sync_args=(--locked --python "$VENV/bin/python")
+for extra in ${BOOTSTRAP_EXTRAS//,/ }; do sync_args+=(--extra "$extra"); done
+# With no extras (scripts/run) the test and bench packages another command installed may stay.
+[ -n "${BOOTSTRAP_EXTRAS:-}" ] || sync_args+=(--inexact)
+if ! "$VENV/bin/uv" sync -q "${sync_args[@]}"; then
+  if ! "$VENV/bin/uv" lock --check -q 2>/dev/null; then
+    die "uv.lock does not match pyproject.toml: run $VENV/bin/uv lock (it changes only what pyproject.toml asks for) or scripts/upgrade-deps (the newest of everything), then commit uv.lock"
+  fi
+  die "could not install the locked packages into $VENV (see uv's message above)"
+fi
+# The venv's seed pip and setuptools are not in the lock: they go, so .venv holds the lock's set.
+"$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" pip setuptools 2>/dev/null || true
 
 compiled() { "$VENV/bin/python" -c 'import gateway._speedups' 2>/dev/null; }
 if ! compiled; then
@@ -64,7 +81,7 @@ if ! compiled; then
       die "the compiled fast paths did not build; install a C compiler and Python's headers (sudo apt-get install -y gcc python${ver}-dev), then run this again"
     fi
     apt_install gcc "python${ver}-dev" || apt_install gcc python3-dev
-    "$VENV/bin/python" -m pip install -q --no-deps -e .
+    "$VENV/bin/uv" sync -q "${sync_args[@]}" --reinstall-package edge-gateway
     compiled || die "the compiled fast paths (gateway/_speedups.c) still do not build: see pip install -v -e ."
   else
     echo "warning: the compiled fast paths did not build (no C compiler or Python headers:" \

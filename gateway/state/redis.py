@@ -242,7 +242,7 @@ class RespLink(_Link):
             self._service = path[0]
             self._master_password = password
             self._master_db = int(path[1]) if len(path) > 1 else 0
-            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            self._sentinel = Sentinel(
                 hosts, sentinel_kwargs={"socket_timeout": _socket_timeout(timeout)}
             )
         else:
