@@ -82,7 +82,7 @@ if ! compiled; then
     fi
     apt_install gcc "python${ver}-dev" || apt_install gcc python3-dev
     "$VENV/bin/uv" sync -q "${sync_args[@]}" --reinstall-package edge-gateway
-    compiled || die "the compiled fast paths (gateway/_speedups.c) still do not build: see pip install -v -e ."
+    compiled || die "the compiled fast paths (gateway/_speedups.c) still do not build: see $VENV/bin/uv sync -v --reinstall-package edge-gateway"
   else
     echo "warning: the compiled fast paths did not build (no C compiler or Python headers:" \
       "apt-get install gcc python${ver}-dev); running the pure-Python versions" >&2
